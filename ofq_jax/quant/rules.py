@@ -1,0 +1,124 @@
+"""Which layer is quantized how: ordered (regex, spec) rules on module paths.
+
+Module paths of the DeiT (``ofq_jax.models.deit``): ``patch_embed.proj``,
+``blocks.{i}.attn`` (everything inside attention except its output projection:
+the QKR product or the qkv layer, and the activation quantizers of x, q, k, v,
+``W_qk x`` and the softmax), ``blocks.{i}.attn.proj``, ``blocks.{i}.mlp.fc1``,
+``blocks.{i}.mlp.fc2``, ``head``, ``head_dist``.
+
+A rule is ``"REGEX=SPEC"`` (``SPEC`` is ``float``, ``w4a4``, ``w2a2:lsq``,
+``w8a4:statsq``; the method applies to the weights) or a ``(regex, QuantSpec |
+dict)`` pair. The first rule whose regex *fully* matches the path wins. User
+rules come before the defaults, which reproduce the reference: patch embedding
+and heads W8A8 with LSQ weights, every block layer at the configured bits and
+weight method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from ofq_jax.quant.shapes import check_bits
+
+WEIGHT_METHODS = ("statsq", "lsq")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantSpec:
+  """How one layer is quantized; ``None`` bits keep that side in float."""
+  weight_bits: int | None = None
+  act_bits: int | None = None
+  weight_method: str = "statsq"
+
+  def __post_init__(self):
+    if self.weight_bits is not None:
+      check_bits(self.weight_bits, what="weight")
+    if self.act_bits is not None:
+      check_bits(self.act_bits, what="activation")
+    if self.weight_method not in WEIGHT_METHODS:
+      raise ValueError(f"Unknown weight_method {self.weight_method!r}; use one of "
+                       f"{WEIGHT_METHODS}.")
+
+  @property
+  def quantize_weights(self) -> bool:
+    return self.weight_bits is not None
+
+  @property
+  def quantize_acts(self) -> bool:
+    return self.act_bits is not None
+
+
+FLOAT = QuantSpec()
+
+_SPEC_RE = re.compile(r"^w(\d+)a(\d+)(?::(statsq|lsq))?$")
+
+
+def parse_spec(text: str) -> QuantSpec:
+  """``float`` | ``w{b}a{b}`` | ``w{b}a{b}:{statsq|lsq}`` -> QuantSpec."""
+  text = text.strip().lower()
+  if text == "float":
+    return FLOAT
+  match = _SPEC_RE.match(text)
+  if not match:
+    raise ValueError(f"Cannot parse quantization spec {text!r}: write 'float', 'w4a4' or "
+                     "'w2a2:lsq' (weight bits, activation bits, optional weight method).")
+  weight_bits, act_bits, method = match.groups()
+  return QuantSpec(int(weight_bits), int(act_bits), method or "statsq")
+
+
+def parse_rule(rule: Any) -> tuple[re.Pattern[str], QuantSpec]:
+  """A rule string ``"REGEX=SPEC"`` or a ``(regex, QuantSpec | dict | str)`` pair."""
+  if isinstance(rule, str):
+    if "=" not in rule:
+      raise ValueError(f"Quantization rule {rule!r} has no '='; write 'REGEX=SPEC', e.g. "
+                       r"'blocks\.0\..*=float' or 'head=w8a8:lsq'.")
+    pattern, spec = rule.rsplit("=", 1)
+    spec = parse_spec(spec)
+  else:
+    pattern, spec = rule
+    if isinstance(spec, str):
+      spec = parse_spec(spec)
+    elif isinstance(spec, dict):
+      spec = QuantSpec(**spec)
+    elif not isinstance(spec, QuantSpec):
+      raise TypeError(f"Rule {rule!r}: spec must be a QuantSpec, dict or string.")
+  try:
+    return re.compile(pattern), spec
+  except re.error as e:
+    raise ValueError(f"Quantization rule {rule!r}: bad regex {pattern!r} ({e}).") from None
+
+
+def default_rules(weight_bits: int, act_bits: int, weight_method: str
+                  ) -> list[tuple[re.Pattern[str], QuantSpec]]:
+  """The reference's assignment (spec 3.1): W8A8 LSQ edges, b-bit blocks."""
+  eight_bit = QuantSpec(8, 8, "lsq")
+  return [
+      (re.compile(r"patch_embed\.proj"), eight_bit),
+      (re.compile(r"head|head_dist"), eight_bit),
+      (re.compile(r"blocks\.\d+\..*"), QuantSpec(weight_bits, act_bits, weight_method)),
+  ]
+
+
+class QuantRules:
+  """Resolves a module path to its QuantSpec (first full match wins; else float)."""
+
+  def __init__(self, rules: Iterable[tuple[re.Pattern[str], QuantSpec]]):
+    self.rules = list(rules)
+
+  def __call__(self, path: str) -> QuantSpec:
+    for pattern, spec in self.rules:
+      if pattern.fullmatch(path):
+        return spec
+    return FLOAT
+
+  @classmethod
+  def from_config(cls, quant: Any) -> "QuantRules":
+    """Rules of a model config's ``quant`` block; all-float when not enabled."""
+    if not quant.enabled:
+      return cls([])
+    user: Sequence[Any] = tuple(quant.get("rules", ()) or ())
+    return cls([parse_rule(r) for r in user] +
+               default_rules(quant.weight_bits, quant.act_bits, quant.weight_method))
