@@ -1,0 +1,165 @@
+"""Self-attention: standard (timm / reference QAttention) and QK-reparameterized (QKR).
+
+Both take ``(B, N, D)`` tokens. ``spec`` governs everything inside the attention
+except its output projection, which is a ``QDense`` with its own spec.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ofq_jax.models.layers import Precision, QDense, default_kernel_init, move_bias
+from ofq_jax.models.quantizers import LsqQuantizer
+from ofq_jax.quant.rules import QuantSpec
+from ofq_jax.quant.statsq import statsq_quantize
+
+
+def _maybe_lsq(enabled: bool, bits: int | None, grad_batch: int | None):
+  """A factory of activation LSQ quantizers, or of ``None`` when acts stay float."""
+  def make(**kwargs) -> LsqQuantizer | None:
+    return LsqQuantizer(bits, grad_batch=grad_batch, **kwargs) if enabled else None
+  return make
+
+
+def _softmax_probs(logits: jax.Array, quantizer: LsqQuantizer | None) -> jax.Array:
+  probs = jax.nn.softmax(logits, axis=-1)
+  return probs if quantizer is None else quantizer(probs)
+
+
+class StandardAttention(nnx.Module):
+  """Multi-head attention with a fused qkv layer (timm DeiT; reference spec 3.4, 3.6).
+
+  When quantized: ``qkv`` is a QDense (StatsQ or LSQ weights, per-token input
+  steps), followed by a move bias on its output, per-token LSQ of q and k,
+  per-channel LSQ of v, move biases after each, and unsigned per-query-row LSQ
+  of the softmax output.
+  """
+
+  def __init__(self, dim: int, num_heads: int, *, spec: QuantSpec, proj_spec: QuantSpec,
+               num_tokens: int, rngs: nnx.Rngs, grad_batch: int | None = None,
+               precision: Precision = "highest"):
+    self.num_heads = num_heads
+    self.head_dim = dim // num_heads
+    self.precision = precision
+    dense = dict(rngs=rngs, input_step_shape=(num_tokens,), grad_batch=grad_batch,
+                 precision=precision)
+    self.qkv = QDense(dim, 3 * dim, spec=spec, **dense)
+    self.proj = QDense(dim, dim, spec=proj_spec, **dense)
+    bits = spec.act_bits
+    lsq = _maybe_lsq(spec.quantize_acts, bits, grad_batch)
+    self.q_quant = lsq(signed=True, step_shape=(num_tokens,), keep_axes=(1,))
+    self.k_quant = lsq(signed=True, step_shape=(num_tokens,), keep_axes=(1,))
+    self.v_quant = lsq(signed=True, step_shape=(dim,), keep_axes=(2,))
+    self.softmax_quant = lsq(signed=False, step_shape=(num_tokens,), keep_axes=(2,))
+    if spec.quantize_acts:
+      self.move_qkv_b4 = move_bias(3 * dim)
+      self.move_q_aft = move_bias(dim)
+      self.move_k_aft = move_bias(dim)
+      self.move_v_aft = move_bias(dim)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    batch, tokens, dim = x.shape
+    heads, head_dim = self.num_heads, self.head_dim
+    qkv = self.qkv(x)
+    if self.q_quant is not None:
+      qkv = qkv + self.move_qkv_b4[...]
+    qkv = jnp.reshape(qkv, (batch, tokens, 3, heads, head_dim))
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, H, d)
+    if self.q_quant is not None:
+      q = jnp.reshape(self.q_quant(q), (batch, tokens, dim)) + self.move_q_aft[...]
+      k = jnp.reshape(self.k_quant(k), (batch, tokens, dim)) + self.move_k_aft[...]
+      v = self.v_quant(jnp.reshape(v, (batch, tokens, dim))) + self.move_v_aft[...]
+      q, k, v = (jnp.reshape(t, (batch, tokens, heads, head_dim)) for t in (q, k, v))
+    logits = jnp.einsum("bihe,bjhe->bhij", q, k, precision=self.precision)
+    probs = _softmax_probs(logits * head_dim ** -0.5, self.softmax_quant)
+    out = jnp.einsum("bhij,bjhe->bihe", probs, v, precision=self.precision)
+    return self.proj(jnp.reshape(out, (batch, tokens, dim)))
+
+
+class QKRAttention(nnx.Module):
+  """Query-key reparameterized attention (spec 3.5, the released OFQ recipe).
+
+  Per head the product ``W_qk[h] = W_q,h^T W_k,h`` (D x D) is StatsQ-quantized
+  with one scale per (head, row); the query side is the quantized input itself.
+  ``q`` and ``k`` have no bias (the reference drops ``b_q``, ``b_k``);
+  ``qk_bias='fold'`` adds the trainable per-head key bias ``u_h = W_k,h^T b_q,h``
+  so that the pretrained attention is kept exactly (spec item 7.3).
+  """
+
+  def __init__(self, dim: int, num_heads: int, *, spec: QuantSpec, proj_spec: QuantSpec,
+               num_tokens: int, rngs: nnx.Rngs, grad_batch: int | None = None,
+               qk_bias: str = "drop", precision: Precision = "highest"):
+    if spec.quantize_weights and spec.weight_method != "statsq":
+      raise ValueError("attention='qkr' quantizes W_q^T W_k with StatsQ only; got weight "
+                       f"method {spec.weight_method!r}. Use attention='standard' for LSQ "
+                       "weights.")
+    if qk_bias not in ("drop", "fold"):
+      raise ValueError(f"qk_bias must be 'drop' (reference) or 'fold', got {qk_bias!r}.")
+    self.spec = spec
+    self.num_heads = num_heads
+    self.head_dim = dim // num_heads
+    self.precision = precision
+    init = default_kernel_init
+    self.q_kernel = nnx.Param(init(rngs.params(), (dim, dim)))
+    self.k_kernel = nnx.Param(init(rngs.params(), (dim, dim)))
+    self.v_kernel = nnx.Param(init(rngs.params(), (dim, dim)))
+    self.v_bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
+    self.key_bias = (nnx.Param(jnp.zeros((num_heads, dim), jnp.float32))
+                     if qk_bias == "fold" else None)
+    self.proj = QDense(dim, dim, spec=proj_spec, rngs=rngs, input_step_shape=(num_tokens,),
+                       grad_batch=grad_batch, precision=precision)
+    lsq = _maybe_lsq(spec.quantize_acts, spec.act_bits, grad_batch)
+    self.input_quant = lsq(signed=True, step_shape=(num_tokens,), keep_axes=(1,))
+    self.qkx_quant = lsq(signed=True, step_shape=(num_tokens, num_heads), keep_axes=(1, 2))
+    self.v_quant = lsq(signed=True, step_shape=(dim,), keep_axes=(2,))
+    self.softmax_quant = lsq(signed=False, step_shape=(num_tokens,), keep_axes=(2,))
+    if spec.quantize_acts:
+      self.move_b4 = move_bias(dim)
+      self.move_aft = move_bias(dim)
+      self.move_v_b4 = move_bias(dim)
+      self.move_v_aft = move_bias(dim)
+      self.move_qkx_b4 = move_bias(num_heads * dim)
+      self.move_qkx_aft = move_bias(num_heads * dim)
+
+  def qk_product(self) -> jax.Array:
+    """``W_qk`` as ``(H, D, D)``: ``[h, r, c] = sum_e W_q[h*d+e, r] W_k[h*d+e, c]``."""
+    dim = self.q_kernel.shape[0]
+    wq = jnp.reshape(self.q_kernel[...], (dim, self.num_heads, self.head_dim))
+    wk = jnp.reshape(self.k_kernel[...], (dim, self.num_heads, self.head_dim))
+    return jnp.einsum("rhe,che->hrc", wq, wk, precision=self.precision)
+
+  def quantized_qk_product(self) -> jax.Array:
+    wqk = self.qk_product()
+    if self.spec.quantize_weights:
+      wqk = statsq_quantize(wqk, self.spec.weight_bits, (2,))
+    return wqk
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    batch, tokens, dim = x.shape
+    heads, head_dim = self.num_heads, self.head_dim
+    acts = self.input_quant is not None
+    xq = self.input_quant(x + self.move_b4[...]) + self.move_aft[...] if acts else x
+
+    v_kernel = self.v_kernel[...]
+    if self.spec.quantize_weights:
+      v_kernel = statsq_quantize(v_kernel, self.spec.weight_bits, (0,))
+    v = jnp.matmul(xq, v_kernel, precision=self.precision) + self.v_bias[...]
+    if acts:
+      v = self.v_quant(v + self.move_v_b4[...]) + self.move_v_aft[...]
+    v = jnp.reshape(v, (batch, tokens, heads, head_dim))
+
+    # Key side: t[b, j, h, r] = sum_c W_qk[h, r, c] xq[b, j, c].
+    keys = jnp.einsum("hrc,bjc->bjhr", self.quantized_qk_product(), xq,
+                      precision=self.precision)
+    if acts:
+      keys = keys + jnp.reshape(self.move_qkx_b4[...], (heads, dim))
+      keys = self.qkx_quant(keys) + jnp.reshape(self.move_qkx_aft[...], (heads, dim))
+    logits = jnp.einsum("bir,bjhr->bhij", xq, keys, precision=self.precision)
+    if self.key_bias is not None:
+      key_term = jnp.einsum("bjc,hc->bhj", xq, self.key_bias[...], precision=self.precision)
+      logits = logits + key_term[:, :, None, :]
+    probs = _softmax_probs(logits * head_dim ** -0.5, self.softmax_quant)
+    out = jnp.einsum("bhij,bjhe->bihe", probs, v, precision=self.precision)
+    return self.proj(jnp.reshape(out, (batch, tokens, dim)))

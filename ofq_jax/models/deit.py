@@ -1,0 +1,217 @@
+"""DeiT (timm-compatible) as a Flax NNX module, float or quantized from one config.
+
+``model_config(size='tiny', **overrides)`` gives the ConfigDict; ``create_model``
+builds the model. ``model(images, train=False)`` takes NHWC float32 images and
+returns logits; a distilled model returns ``(cls + dist) / 2`` in eval mode and
+the pair ``(cls_logits, dist_logits)`` in train mode (spec 5.1, 8).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from ofq_jax.models.attention import QKRAttention, StandardAttention
+from ofq_jax.models.layers import Mlp, PatchEmbed, QDense
+from ofq_jax.quant.rules import WEIGHT_METHODS, QuantRules
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(embed_dim=192, depth=12, num_heads=3),
+    "small": dict(embed_dim=384, depth=12, num_heads=6),
+    "base": dict(embed_dim=768, depth=12, num_heads=12),
+}
+
+ATTENTIONS = ("qkr", "standard")
+ATTN_INITS = ("random", "pretrained")
+QK_BIASES = ("drop", "fold")
+PRECISIONS = ("highest", "high", "default")
+
+
+def _quant_config() -> ml_collections.ConfigDict:
+  quant = ml_collections.ConfigDict()
+  quant.enabled = False
+  quant.weight_bits = 2
+  quant.act_bits = 2
+  # 'statsq' (OFQ) or 'lsq' (the LSQ baseline, spec 3.6; needs attention='standard').
+  quant.weight_method = "statsq"
+  # 'qkr' (query-key reparameterization, the released recipe) or 'standard'.
+  quant.attention = "qkr"
+  # Batch size used in every activation step's gradient scale 1/sqrt(Qp*M). Unset:
+  # the batch the quantizer sees. The reference used its per-GPU batch (spec 7.6).
+  quant.lsq_grad_batch = ml_collections.config_dict.placeholder(int)
+  # Reference quirk 7.1: attn.proj (and qkv of standard attention) start from torch's
+  # default random init instead of the pretrained weights. 'pretrained' copies them.
+  quant.attn_proj_init = "random"
+  quant.attn_qkv_init = "random"
+  # Reference quirk 7.3: QKR drops the query/key biases ('drop'). 'fold' keeps the
+  # pretrained attention exactly through a per-head key bias W_k^T b_q.
+  quant.qk_bias = "drop"
+  # Extra rules before the defaults, e.g. ('blocks\\.0\\..*=float', 'head=w8a8:lsq');
+  # see ofq_jax.quant.rules.
+  quant.rules = ()
+  return quant
+
+
+def model_config(size: str | None = "tiny", **overrides: Any) -> ml_collections.ConfigDict:
+  """DeiT config: a preset (``tiny``, ``small``, ``base`` or None) plus overrides.
+
+  ``quant`` may be overridden with a dict that is merged into the defaults, e.g.
+  ``model_config('small', quant=dict(enabled=True, weight_bits=2, act_bits=2))``.
+  """
+  config = ml_collections.ConfigDict()
+  config.size = size
+  config.embed_dim = 192
+  config.depth = 12
+  config.num_heads = 3
+  config.mlp_ratio = 4.0
+  config.patch_size = 16
+  config.img_size = 224
+  config.in_chans = 3
+  config.num_classes = 1000
+  config.distilled = True  # OFQ initialises from and distils from the distilled DeiTs.
+  config.layer_norm_eps = 1e-6
+  # Matmul precision; 'highest' keeps float32 (TF32 can flip 2-bit roundings, spec 7.10).
+  config.precision = "highest"
+  config.quant = _quant_config()
+  if size is not None:
+    if size not in PRESETS:
+      raise ValueError(f"Unknown DeiT size {size!r}; use one of {sorted(PRESETS)} or None.")
+    config.update(PRESETS[size])
+  quant_overrides = overrides.pop("quant", None)
+  for key in overrides:
+    if key not in config:
+      raise KeyError(f"model_config got unknown field {key!r}; known fields: "
+                     f"{sorted(config.keys())}.")
+  config.update(overrides)
+  if quant_overrides:
+    for key in quant_overrides:
+      if key not in config.quant:
+        raise KeyError(f"model_config got unknown quant field {key!r}; known: "
+                       f"{sorted(config.quant.keys())}.")
+    config.quant.update(dict(quant_overrides))
+  return config
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the bad value and the fix."""
+  if config.embed_dim % config.num_heads:
+    raise ValueError(f"embed_dim={config.embed_dim} is not divisible by num_heads="
+                     f"{config.num_heads}; choose num_heads dividing embed_dim.")
+  if config.img_size % config.patch_size:
+    raise ValueError(f"img_size={config.img_size} is not divisible by patch_size="
+                     f"{config.patch_size}; choose an image size that is a multiple of it.")
+  quant = config.quant
+  choices = dict(weight_method=WEIGHT_METHODS, attention=ATTENTIONS, attn_proj_init=ATTN_INITS,
+                 attn_qkv_init=ATTN_INITS, qk_bias=QK_BIASES)
+  for field, allowed in choices.items():
+    if quant[field] not in allowed:
+      raise ValueError(f"quant.{field}={quant[field]!r} is not one of {allowed}.")
+  if config.precision not in PRECISIONS:
+    raise ValueError(f"precision={config.precision!r} is not one of {PRECISIONS}.")
+  if quant.enabled and quant.attention == "qkr" and quant.weight_method == "lsq":
+    raise ValueError("quant.weight_method='lsq' (the LSQ baseline) needs "
+                     "quant.attention='standard'; QKR quantizes W_q^T W_k with StatsQ.")
+
+
+def num_tokens(config: ml_collections.ConfigDict) -> int:
+  """Patches plus the cls (and dist) token: 198 for a distilled DeiT at 224 px."""
+  return (config.img_size // config.patch_size) ** 2 + (2 if config.distilled else 1)
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block: ``x + attn(LN(x))``, then ``x + mlp(LN(x))``."""
+
+  def __init__(self, config: ml_collections.ConfigDict, index: int, rules: QuantRules,
+               rngs: nnx.Rngs):
+    dim, eps = config.embed_dim, config.layer_norm_eps
+    tokens = num_tokens(config)
+    grad_batch = config.quant.lsq_grad_batch
+    prefix = f"blocks.{index}"
+    norm = dict(epsilon=eps, use_fast_variance=False, rngs=rngs)
+    self.norm1 = nnx.LayerNorm(dim, **norm)
+    attn_cls = QKRAttention if (config.quant.enabled and config.quant.attention == "qkr") \
+        else StandardAttention
+    extra = dict(qk_bias=config.quant.qk_bias) if attn_cls is QKRAttention else {}
+    self.attn = attn_cls(dim, config.num_heads, spec=rules(f"{prefix}.attn"),
+                         proj_spec=rules(f"{prefix}.attn.proj"), num_tokens=tokens, rngs=rngs,
+                         grad_batch=grad_batch, precision=config.precision, **extra)
+    self.norm2 = nnx.LayerNorm(dim, **norm)
+    self.mlp = Mlp(dim, int(dim * config.mlp_ratio), fc1_spec=rules(f"{prefix}.mlp.fc1"),
+                   fc2_spec=rules(f"{prefix}.mlp.fc2"), num_tokens=tokens, rngs=rngs,
+                   grad_batch=grad_batch, precision=config.precision)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x + self.attn(self.norm1(x))
+    return x + self.mlp(self.norm2(x))
+
+
+class DeiT(nnx.Module):
+  """DeiT / distilled DeiT; quantized where ``config.quant`` rules say so."""
+
+  def __init__(self, config: ml_collections.ConfigDict, rngs: nnx.Rngs):
+    validate_config(config)
+    self.config = config
+    self.distilled = bool(config.distilled)
+    rules = QuantRules.from_config(config.quant)
+    dim = config.embed_dim
+    tokens = num_tokens(config)
+    grad_batch = config.quant.lsq_grad_batch
+    self.patch_embed = PatchEmbed(config.img_size, config.patch_size, config.in_chans, dim,
+                                  spec=rules("patch_embed.proj"), rngs=rngs,
+                                  grad_batch=grad_batch, precision=config.precision)
+    token_init = nnx.initializers.truncated_normal(stddev=0.02)
+    self.cls_token = nnx.Param(token_init(rngs.params(), (1, 1, dim)))
+    self.dist_token = (nnx.Param(token_init(rngs.params(), (1, 1, dim)))
+                       if self.distilled else None)
+    self.pos_embed = nnx.Param(token_init(rngs.params(), (1, tokens, dim)))
+    self.blocks = nnx.List([Block(config, i, rules, rngs) for i in range(config.depth)])
+    self.norm = nnx.LayerNorm(dim, epsilon=config.layer_norm_eps, use_fast_variance=False,
+                              rngs=rngs)
+    head = dict(rngs=rngs, input_keep_axes=(), input_step_shape=(1,), grad_batch=grad_batch,
+                precision=config.precision)
+    self.head = QDense(dim, config.num_classes, spec=rules("head"), **head)
+    self.head_dist = (QDense(dim, config.num_classes, spec=rules("head_dist"), **head)
+                      if self.distilled else None)
+
+  def features(self, images: jax.Array) -> jax.Array:
+    """Final-normed tokens ``(B, N, D)``."""
+    _check_images(images, self.config)
+    x = self.patch_embed(images)
+    batch = x.shape[0]
+    prefix = [jnp.broadcast_to(self.cls_token[...], (batch, 1, x.shape[-1]))]
+    if self.dist_token is not None:
+      prefix.append(jnp.broadcast_to(self.dist_token[...], (batch, 1, x.shape[-1])))
+    x = jnp.concatenate(prefix + [x], axis=1) + self.pos_embed[...]
+    for block in self.blocks:
+      x = block(x)
+    return self.norm(x)
+
+  def __call__(self, images: jax.Array, *, train: bool = False
+               ) -> jax.Array | tuple[jax.Array, jax.Array]:
+    x = self.features(images)
+    logits = self.head(x[:, 0])
+    if self.head_dist is None:
+      return logits
+    dist_logits = self.head_dist(x[:, 1])
+    if train:
+      return logits, dist_logits
+    return (logits + dist_logits) / 2
+
+
+def _check_images(images: jax.Array, config: ml_collections.ConfigDict) -> None:
+  expected = (config.img_size, config.img_size, config.in_chans)
+  if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+    raise ValueError(f"DeiT expects NHWC images of shape (B, {expected[0]}, {expected[1]}, "
+                     f"{expected[2]}), got {tuple(images.shape)}. Transpose NCHW inputs "
+                     "with images.transpose(0, 2, 3, 1) or set img_size.")
+
+
+def create_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs | int = 0) -> DeiT:
+  """Builds the (float or quantized) DeiT described by ``config``."""
+  if isinstance(rngs, int):
+    rngs = nnx.Rngs(rngs)
+  return DeiT(config, rngs)

@@ -1,0 +1,161 @@
+"""DeiT building blocks that are float or quantized according to a QuantSpec.
+
+One code path serves both: a layer whose spec is float has exactly the
+parameters of its timm counterpart; a quantized one adds its step sizes and
+"move" biases (spec 2.3) and fake-quantizes in the forward pass. Layouts are
+Flax's: Dense kernels ``(in, out)``, conv kernels ``(kh, kw, in, out)``, images
+NHWC, tokens ``(B, N, D)``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ofq_jax.models.quantizers import ImageQuantizer, LsqQuantizer
+from ofq_jax.quant.rules import QuantSpec
+from ofq_jax.quant.statsq import statsq_quantize
+
+Precision = jax.lax.Precision | str | None
+
+default_kernel_init = nnx.initializers.truncated_normal(stddev=0.02)
+"""timm's ViT init for Linear weights (``trunc_normal_(std=.02)``); biases are zero."""
+
+
+def torch_default_linear_init(key: jax.Array, in_features: int, out_features: int
+                              ) -> tuple[jax.Array, jax.Array]:
+  """``nn.Linear``'s default init: kernel and bias ~ U(±1/sqrt(in)).
+
+  The reference leaves ``attn.proj`` (and ``qkv`` of standard attention) at this
+  init instead of loading the pretrained weights (spec item 7.1).
+  """
+  bound = 1.0 / jnp.sqrt(jnp.float32(in_features))
+  k_key, b_key = jax.random.split(key)
+  kernel = jax.random.uniform(k_key, (in_features, out_features), jnp.float32, -bound, bound)
+  bias = jax.random.uniform(b_key, (out_features,), jnp.float32, -bound, bound)
+  return kernel, bias
+
+
+def move_bias(size: int | tuple[int, ...]) -> nnx.Param:
+  """A zero-initialised learnable shift around an activation quantizer."""
+  return nnx.Param(jnp.zeros(size if isinstance(size, tuple) else (size,), jnp.float32))
+
+
+def lsq_weight_quantizer(bits: int, kernel_shape: tuple[int, ...]) -> LsqQuantizer:
+  """LSQ for a kernel: signed, one step per output unit (the last axis)."""
+  out_axis = len(kernel_shape) - 1
+  return LsqQuantizer(bits, signed=True, step_shape=(kernel_shape[-1],),
+                      keep_axes=(out_axis,), batch_axis=None)
+
+
+class QDense(nnx.Module):
+  """Dense layer ``y = Q_a(x + b_pre) + b_post) @ Q_w(W) + b`` (spec 3.2, 3.6, 3.7).
+
+  Args:
+    in_features, out_features: sizes.
+    spec: the layer's QuantSpec (float keeps a plain Dense).
+    input_signed: sign of the input quantizer (``fc2`` after GELU is unsigned).
+    input_keep_axes, input_step_shape: granularity of the input step: per token
+      ``(1,)``/``(N,)`` on ``(B, N, C)``; per tensor ``()``/``(1,)`` for heads.
+    grad_batch: batch size for the LSQ gradient scale (``None``: the batch seen).
+  """
+
+  def __init__(self, in_features: int, out_features: int, *, spec: QuantSpec, rngs: nnx.Rngs,
+               input_signed: bool = True, input_keep_axes: tuple[int, ...] = (1,),
+               input_step_shape: tuple[int, ...] = (1,), grad_batch: int | None = None,
+               precision: Precision = "highest"):
+    self.spec = spec
+    self.precision = precision
+    self.kernel = nnx.Param(default_kernel_init(rngs.params(), (in_features, out_features)))
+    self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32))
+    lsq_weights = spec.quantize_weights and spec.weight_method == "lsq"
+    self.weight_quant = (lsq_weight_quantizer(spec.weight_bits, (in_features, out_features))
+                         if lsq_weights else None)
+    self.input_quant = (LsqQuantizer(spec.act_bits, signed=input_signed,
+                                     step_shape=input_step_shape, keep_axes=input_keep_axes,
+                                     grad_batch=grad_batch) if spec.quantize_acts else None)
+    if spec.quantize_acts:
+      self.move_b4 = move_bias(in_features)
+      self.move_aft = move_bias(in_features)
+
+  def quantized_kernel(self) -> jax.Array:
+    """The kernel the forward pass multiplies with."""
+    kernel = self.kernel[...]
+    if not self.spec.quantize_weights:
+      return kernel
+    if self.weight_quant is not None:
+      return self.weight_quant(kernel)
+    return statsq_quantize(kernel, self.spec.weight_bits, (0,))
+
+  def quantize_input(self, x: jax.Array) -> jax.Array:
+    if self.input_quant is None:
+      return x
+    return self.input_quant(x + self.move_b4[...]) + self.move_aft[...]
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.quantized_kernel()
+    x = self.quantize_input(x)
+    return jnp.matmul(x, kernel, precision=self.precision) + self.bias[...]
+
+
+class PatchEmbed(nnx.Module):
+  """Non-overlapping conv patchify; W8A8 with per-pixel move biases when quantized.
+
+  Tokens are the conv output flattened row-major, as timm does. The image
+  quantizer's per-pixel biases are sized from ``img_size`` (the reference
+  hard-codes 224 x 224).
+  """
+
+  def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int, *,
+               spec: QuantSpec, rngs: nnx.Rngs, grad_batch: int | None = None,
+               precision: Precision = "highest"):
+    self.spec = spec
+    self.patch_size = patch_size
+    self.img_size = img_size
+    self.precision = precision
+    shape = (patch_size, patch_size, in_chans, embed_dim)
+    self.kernel = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), shape))
+    self.bias = nnx.Param(jnp.zeros((embed_dim,), jnp.float32))
+    if spec.quantize_weights and spec.weight_method != "lsq":
+      raise ValueError("The patch embedding supports LSQ weights only (reference: W8 "
+                       f"LSQ per output channel); rule gave {spec.weight_method!r}. "
+                       "Use e.g. 'patch_embed\\.proj=w8a8:lsq' or 'float'.")
+    self.weight_quant = (lsq_weight_quantizer(spec.weight_bits, shape)
+                         if spec.quantize_weights else None)
+    self.input_quant = (ImageQuantizer(spec.act_bits, in_chans, grad_batch=grad_batch)
+                        if spec.quantize_acts else None)
+    if spec.quantize_acts:
+      self.move_b4 = move_bias(img_size * img_size)
+      self.move_aft = move_bias(img_size * img_size)
+
+  def _pixel_bias(self, bias: nnx.Param) -> jax.Array:
+    return jnp.reshape(bias[...], (self.img_size, self.img_size, 1))
+
+  def __call__(self, images: jax.Array) -> jax.Array:
+    kernel = self.kernel[...]
+    if self.weight_quant is not None:
+      kernel = self.weight_quant(kernel)
+    x = images
+    if self.input_quant is not None:
+      x = self.input_quant(x + self._pixel_bias(self.move_b4)) + self._pixel_bias(self.move_aft)
+    y = jax.lax.conv_general_dilated(
+        x, kernel, window_strides=(self.patch_size, self.patch_size), padding="VALID",
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=self.precision)
+    y = y + self.bias[...]
+    return jnp.reshape(y, (y.shape[0], -1, y.shape[-1]))
+
+
+class Mlp(nnx.Module):
+  """fc1 -> exact (erf) GELU -> fc2; fc2's input quantizer is unsigned (spec 3.3)."""
+
+  def __init__(self, dim: int, hidden: int, *, fc1_spec: QuantSpec, fc2_spec: QuantSpec,
+               num_tokens: int, rngs: nnx.Rngs, grad_batch: int | None = None,
+               precision: Precision = "highest"):
+    common = dict(rngs=rngs, input_step_shape=(num_tokens,), grad_batch=grad_batch,
+                  precision=precision)
+    self.fc1 = QDense(dim, hidden, spec=fc1_spec, input_signed=True, **common)
+    self.fc2 = QDense(hidden, dim, spec=fc2_spec, input_signed=False, **common)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))
