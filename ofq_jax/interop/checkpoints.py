@@ -1,0 +1,161 @@
+"""Load and export timm / FB DeiT and OFQ-reference checkpoints."""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from ofq_jax.interop.files import read_state_dict
+from ofq_jax.interop.names import dotted, entries, state_to_torch
+from ofq_jax.models.attention import QKRAttention
+from ofq_jax.models.deit import DeiT, create_model
+from ofq_jax.models.layers import PatchEmbed, QDense
+
+STATSQ_CLIP_VAL = 2.0
+"""The reference's fixed (non-trainable) StatsQ ``clip_val`` buffer."""
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint's keys or shapes do not fit the model; lists every offender."""
+
+
+def _quantized_modules(model: nnx.Module) -> list[str]:
+  names = []
+  for path, module in nnx.iter_modules(model):
+    spec = getattr(module, "spec", None)
+    if isinstance(module, (QDense, PatchEmbed, QKRAttention)) and spec is not None and (
+        spec.quantize_weights or spec.quantize_acts):
+      names.append(dotted(path))
+    elif isinstance(module, QKRAttention):
+      names.append(dotted(path))
+  return names
+
+
+def reference_buffers(model: nnx.Module) -> dict[str, np.ndarray]:
+  """The reference's StatsQ ``clip_val`` buffers that ofq_jax does not store."""
+  clip = np.array([STATSQ_CLIP_VAL], np.float32)
+  buffers = {}
+  for path, module in nnx.iter_modules(model):
+    prefix = dotted(path)
+    if isinstance(module, QDense) and module.spec.quantize_weights and (
+        module.spec.weight_method == "statsq"):
+      buffers[f"{prefix}.statsq_fn.clip_val"] = clip
+    elif isinstance(module, QKRAttention) and module.spec.quantize_weights:
+      buffers[f"{prefix}.qk_quant.clip_val"] = clip
+      buffers[f"{prefix}.v_quant.clip_val"] = clip
+  return buffers
+
+
+def _load_into(model: nnx.Module, state: Mapping[str, np.ndarray], *,
+               buffers: Mapping[str, np.ndarray], may_be_missing: Callable[[str], bool],
+               source: str) -> None:
+  """Checks keys and shapes (all problems in one error), then assigns."""
+  table = entries(nnx.state(model))
+  expected = {e.key: e for e in table}
+  problems = []
+  for key, entry in expected.items():
+    if key not in state:
+      if not may_be_missing(key):
+        problems.append(f"  missing    {key}: expected shape {entry.torch_shape}")
+    elif tuple(np.shape(state[key])) != entry.torch_shape:
+      problems.append(f"  mis-shaped {key}: expected shape {entry.torch_shape}, found "
+                      f"{tuple(np.shape(state[key]))}")
+  for key, value in buffers.items():
+    if key not in state:
+      problems.append(f"  missing    {key}: expected shape {tuple(value.shape)}")
+    elif tuple(np.shape(state[key])) != tuple(value.shape):
+      problems.append(f"  mis-shaped {key}: expected shape {tuple(value.shape)}, found "
+                      f"{tuple(np.shape(state[key]))}")
+    elif not np.allclose(state[key], value):
+      problems.append(f"  unsupported {key}: StatsQ clip_val must be {STATSQ_CLIP_VAL}, found "
+                      f"{np.asarray(state[key]).ravel().tolist()}")
+  for key in state:
+    if key not in expected and key not in buffers:
+      problems.append(f"  unexpected {key}: found shape {tuple(np.shape(state[key]))}")
+  if problems:
+    raise CheckpointMismatchError(
+        f"{source} does not fit the model built from this config ({len(problems)} "
+        "problem(s)):\n" + "\n".join(problems) +
+        "\nCheck the config (size, depth, num_classes, distilled, img_size, quant.attention, "
+        "quant.weight_method) against the checkpoint.")
+  flat = nnx.to_flat_state(nnx.state(model))
+  for entry, (_, leaf) in zip(table, flat):
+    if entry.key in state:
+      leaf.set_value(jnp.asarray(entry.from_torch(state[entry.key]), jnp.float32))
+  nnx.update(model, nnx.from_flat_state(flat))
+
+
+def _describe(state_or_path: Any) -> str:
+  if isinstance(state_or_path, (str, os.PathLike)):
+    return f"Checkpoint {os.fspath(state_or_path)!r}"
+  return "The state dict"
+
+
+def float_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of ``config`` with quantization switched off."""
+  config = copy.deepcopy(config)
+  config.quant.enabled = False
+  return config
+
+
+def load_timm_deit(state_or_path: Mapping[str, Any] | str | os.PathLike[str],
+                   config: ml_collections.ConfigDict) -> DeiT:
+  """A float DeiT from a timm / FB DeiT checkpoint (dict, .pth, .npz, .safetensors).
+
+  ``config`` (``model_config``) fixes the architecture; its ``quant`` block is
+  ignored. Raises CheckpointMismatchError listing every missing, unexpected or
+  mis-shaped key.
+  """
+  state = read_state_dict(state_or_path)
+  model = create_model(float_config(config))
+  _load_into(model, state, buffers={}, may_be_missing=lambda key: False,
+             source=_describe(state_or_path))
+  return model
+
+
+def export_timm_deit(float_model: DeiT) -> dict[str, np.ndarray]:
+  """Reverse of ``load_timm_deit``: timm keys and layouts, loadable with strict=True."""
+  quantized = _quantized_modules(float_model)
+  if quantized:
+    raise ValueError("export_timm_deit takes a float model; these layers are quantized: "
+                     f"{quantized[:5]}{'...' if len(quantized) > 5 else ''}. Use "
+                     "export_ofq_torch for quantized models.")
+  return state_to_torch(nnx.state(float_model))
+
+
+def load_ofq_torch(state_or_path: Mapping[str, Any] | str | os.PathLike[str],
+                   config: ml_collections.ConfigDict, *, calibrated: bool = True) -> DeiT:
+  """A quantized DeiT from a checkpoint of the OFQ reference implementation.
+
+  The released ``.pth.tar`` files hold the weights under ``"state_dict"``.
+  ``config.quant`` must describe the checkpoint (bits, attention, weight method).
+  With ``calibrated=False`` the LSQ step sizes (keys ending in ``.s``) may be
+  absent, as in a model saved before its first forward; run ``calibrate`` then.
+  """
+  if not config.quant.enabled:
+    raise ValueError("load_ofq_torch needs config.quant.enabled=True (and the checkpoint's "
+                     "bits / attention / weight_method); use load_timm_deit for float DeiTs.")
+  state = read_state_dict(state_or_path)
+  model = create_model(config)
+  may_be_missing = (lambda key: False) if calibrated else (lambda key: key.endswith(".s"))
+  _load_into(model, state, buffers=reference_buffers(model), may_be_missing=may_be_missing,
+             source=_describe(state_or_path))
+  return model
+
+
+def export_ofq_torch(model: DeiT) -> dict[str, np.ndarray]:
+  """Reverse of ``load_ofq_torch``: reference keys, layouts and buffers (strict-loadable)."""
+  for path, module in nnx.iter_modules(model):
+    if isinstance(module, QKRAttention) and module.key_bias is not None:
+      raise ValueError(f"{dotted(path)} has the qk_bias='fold' key bias, which the reference "
+                       "model cannot hold; export a model built with qk_bias='drop'.")
+  out = state_to_torch(nnx.state(model))
+  out.update(reference_buffers(model))
+  return out

@@ -1,0 +1,119 @@
+"""Parameter names and layouts: ofq_jax state paths <-> timm / OFQ-reference keys.
+
+Every entry of a model's flat NNX state gets a reference key and a pair of
+layout transforms. The same table serves the float DeiT (timm / FB keys) and
+the quantized one (the reference's ``state_dict`` keys, spec 8.1), and is also
+used to export gradients for the parity tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable
+
+import numpy as np
+from flax import nnx
+
+Array = np.ndarray
+
+
+def _transpose(a: Array) -> Array:
+  return np.ascontiguousarray(np.asarray(a).T)
+
+
+def _conv_to_torch(a: Array) -> Array:  # (kh, kw, in, out) -> (out, in, kh, kw)
+  return np.ascontiguousarray(np.transpose(np.asarray(a), (3, 2, 0, 1)))
+
+
+def _conv_from_torch(a: Array) -> Array:  # (out, in, kh, kw) -> (kh, kw, in, out)
+  return np.ascontiguousarray(np.transpose(np.asarray(a), (2, 3, 1, 0)))
+
+
+def _flatten(a: Array) -> Array:
+  return np.reshape(np.asarray(a), (-1,))
+
+
+# (regex on the dotted ofq_jax path, torch key template, layout kind); first match wins.
+_RULES: list[tuple[re.Pattern[str], str, str]] = [(re.compile(p), t, k) for p, t, k in [
+    (r"patch_embed\.kernel", "patch_embed.proj.weight", "conv"),
+    (r"patch_embed\.bias", "patch_embed.proj.bias", "same"),
+    (r"patch_embed\.input_quant\.step", "patch_embed.proj.input_quant_fn.s", "same"),
+    (r"patch_embed\.input_quant\.signed", "patch_embed.proj.input_quant_fn.signed", "same"),
+    (r"patch_embed\.weight_quant\.step", "patch_embed.proj.lsqw_fn.s", "same"),
+    (r"patch_embed\.(move_b4|move_aft)", r"patch_embed.proj.\1.bias", "same"),
+    # QKR attention (spec 3.5): the input quantizer and its biases sit in quant_x_4_qkv.
+    (r"(blocks\.\d+\.attn)\.input_quant\.step", r"\1.quant_x_4_qkv.input_quant_fn.s", "same"),
+    (r"(blocks\.\d+\.attn)\.(move_b4|move_aft)", r"\1.quant_x_4_qkv.\2.bias", "same"),
+    (r"(blocks\.\d+\.attn)\.([qkv])_kernel", r"\1.\2.weight", "dense"),
+    (r"(blocks\.\d+\.attn)\.v_bias", r"\1.v.bias", "same"),
+    (r"(blocks\.\d+\.attn)\.qkx_quant\.step", r"\1.quan_a_qkx_fn.s", "flatten"),
+    (r"(blocks\.\d+\.attn)\.(q|k|v|softmax)_quant\.step", r"\1.quan_a_\2_fn.s", "same"),
+    # Generic Dense / LayerNorm / QDense pieces.
+    (r"(.+)\.kernel", r"\1.weight", "dense"),
+    (r"(.+)\.scale", r"\1.weight", "same"),
+    (r"(.+)\.input_quant\.step", r"\1.input_quant_fn.s", "same"),
+    (r"(.+)\.weight_quant\.step", r"\1.lsqw_fn.s", "same"),
+    (r"(.+)\.(move_\w+)", r"\1.\2.bias", "same"),
+    (r"(.+)", r"\1", "same"),
+]]
+
+_TO_TORCH: dict[str, Callable[[Array], Array]] = {
+    "same": np.asarray, "dense": _transpose, "conv": _conv_to_torch, "flatten": _flatten}
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """One state entry: its ofq_jax path, reference key and layouts."""
+  path: tuple[str | int, ...]
+  key: str
+  kind: str
+  jax_shape: tuple[int, ...]
+
+  @property
+  def torch_shape(self) -> tuple[int, ...]:
+    return tuple(self.to_torch(np.zeros(self.jax_shape, np.float32)).shape)
+
+  def to_torch(self, value: Array) -> Array:
+    return _TO_TORCH[self.kind](value)
+
+  def from_torch(self, value: Array) -> Array:
+    value = np.asarray(value)
+    if self.kind == "dense":
+      return _transpose(value)
+    if self.kind == "conv":
+      return _conv_from_torch(value)
+    return np.reshape(value, self.jax_shape)
+
+
+def dotted(path: tuple[str | int, ...]) -> str:
+  return ".".join(str(p) for p in path)
+
+
+def torch_key(path: tuple[str | int, ...]) -> tuple[str, str]:
+  """Reference key and layout kind of an ofq_jax state path."""
+  name = dotted(path)
+  for pattern, template, kind in _RULES:
+    match = pattern.fullmatch(name)
+    if match:
+      return match.expand(template), kind
+  raise AssertionError(name)  # the last rule matches everything
+
+
+def entries(state: nnx.State) -> list[Entry]:
+  """The name table of every leaf of an NNX state (a model's, or its gradients')."""
+  table = []
+  for path, leaf in nnx.to_flat_state(state):
+    value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+    key, kind = torch_key(path)
+    table.append(Entry(tuple(path), key, kind, tuple(np.shape(value))))
+  return table
+
+
+def state_to_torch(state: nnx.State) -> dict[str, Array]:
+  """``{reference key: array in torch layout}`` for every leaf of ``state``."""
+  out = {}
+  for entry, (_, leaf) in zip(entries(state), nnx.to_flat_state(state)):
+    value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
+    out[entry.key] = entry.to_torch(np.asarray(value))
+  return out

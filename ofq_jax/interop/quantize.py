@@ -1,0 +1,101 @@
+"""Build the quantized DeiT from a float one, the way the reference does (spec 3)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from ofq_jax.models.attention import QKRAttention, StandardAttention
+from ofq_jax.models.deit import DeiT, create_model
+from ofq_jax.models.layers import torch_default_linear_init
+
+
+def _copy(dst: nnx.Variable, src: nnx.Variable | jax.Array) -> None:
+  value = src.get_value() if isinstance(src, nnx.Variable) else src
+  if tuple(dst.shape) != tuple(value.shape):
+    raise ValueError(f"Cannot copy a {tuple(value.shape)} array into {tuple(dst.shape)}; "
+                     "the float model and the config disagree in size.")
+  dst.set_value(jnp.asarray(value, jnp.float32))
+
+
+def _copy_dense(dst, src) -> None:
+  _copy(dst.kernel, src.kernel)
+  _copy(dst.bias, src.bias)
+
+
+def _random_dense(dst, key: jax.Array) -> None:
+  kernel, bias = torch_default_linear_init(key, *dst.kernel.shape)
+  _copy(dst.kernel, kernel)
+  _copy(dst.bias, bias)
+
+
+def quantize_from_float(float_model: DeiT, config: ml_collections.ConfigDict, *,
+                        seed: int = 0) -> DeiT:
+  """The quantized DeiT of ``config`` initialised from ``float_model``.
+
+  As the reference: every shared weight is copied; QKR splits ``qkv`` into
+  ``q``, ``k``, ``v`` and drops ``b_q``, ``b_k`` (or folds ``b_q`` into a key
+  bias with ``quant.qk_bias='fold'``); ``attn.proj`` (and ``qkv`` of standard
+  attention) get torch's default random init unless ``quant.attn_proj_init`` /
+  ``quant.attn_qkv_init`` is ``'pretrained'`` (spec 7.1). Step sizes are
+  placeholders until ``calibrate``; move biases start at zero. ``seed`` drives
+  the random inits.
+  """
+  if not config.quant.enabled:
+    raise ValueError("quantize_from_float needs config.quant.enabled=True.")
+  model = create_model(config, nnx.Rngs(seed))
+  src, dst = float_model, model
+  if src.config.embed_dim != config.embed_dim or len(src.blocks) != len(dst.blocks):
+    raise ValueError(f"Float model (embed_dim={src.config.embed_dim}, depth={len(src.blocks)})"
+                     f" does not match the config (embed_dim={config.embed_dim}, depth="
+                     f"{config.depth}).")
+  keys = iter(jax.random.split(jax.random.key(seed), 2 * len(dst.blocks)))
+  _copy(dst.patch_embed.kernel, src.patch_embed.kernel)
+  _copy(dst.patch_embed.bias, src.patch_embed.bias)
+  for name in ("cls_token", "dist_token", "pos_embed"):
+    if (getattr(src, name) is None) != (getattr(dst, name) is None):
+      raise ValueError(f"Float and quantized configs disagree on {name} (distilled?).")
+    if getattr(dst, name) is not None:
+      _copy(getattr(dst, name), getattr(src, name))
+  for s_block, d_block in zip(src.blocks, dst.blocks):
+    for norm in ("norm1", "norm2"):
+      _copy(getattr(d_block, norm).scale, getattr(s_block, norm).scale)
+      _copy(getattr(d_block, norm).bias, getattr(s_block, norm).bias)
+    _copy_dense(d_block.mlp.fc1, s_block.mlp.fc1)
+    _copy_dense(d_block.mlp.fc2, s_block.mlp.fc2)
+    _init_attention(d_block.attn, s_block.attn, config.quant, next(keys), next(keys))
+  _copy(dst.norm.scale, src.norm.scale)
+  _copy(dst.norm.bias, src.norm.bias)
+  _copy_dense(dst.head, src.head)
+  if dst.head_dist is not None:
+    _copy_dense(dst.head_dist, src.head_dist)
+  return model
+
+
+def _init_attention(dst, src: StandardAttention, quant: ml_collections.ConfigDict,
+                    qkv_key: jax.Array, proj_key: jax.Array) -> None:
+  if quant.attn_proj_init == "pretrained":
+    _copy_dense(dst.proj, src.proj)
+  else:
+    _random_dense(dst.proj, proj_key)
+  qkv_kernel = np.asarray(src.qkv.kernel.get_value())
+  qkv_bias = np.asarray(src.qkv.bias.get_value())
+  dim = qkv_kernel.shape[0]
+  if isinstance(dst, QKRAttention):
+    _copy(dst.q_kernel, qkv_kernel[:, :dim])
+    _copy(dst.k_kernel, qkv_kernel[:, dim:2 * dim])
+    _copy(dst.v_kernel, qkv_kernel[:, 2 * dim:])
+    _copy(dst.v_bias, qkv_bias[2 * dim:])
+    if dst.key_bias is not None:
+      # u_h = W_k,h^T b_q,h with W_k,h the head's rows of torch's W_k (columns here).
+      heads, head_dim = dst.num_heads, dst.head_dim
+      wk = qkv_kernel[:, dim:2 * dim].reshape(dim, heads, head_dim)
+      bq = qkv_bias[:dim].reshape(heads, head_dim)
+      _copy(dst.key_bias, np.einsum("che,he->hc", wk, bq))
+  elif quant.attn_qkv_init == "pretrained":
+    _copy_dense(dst.qkv, src.qkv)
+  else:
+    _random_dense(dst.qkv, qkv_key)
