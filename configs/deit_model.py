@@ -1,0 +1,40 @@
+"""Model-only config for notebooks and scripts: a DeiT preset, optionally quantized.
+
+  from ml_collections import config_flags  # or, in Python:
+  from configs import deit_model; config = deit_model.get_config("size=small,bits=2")
+
+Argument string (big_vision style, comma separated): ``size`` (tiny|small|base),
+``bits`` (weight and activation bits; 0 = float), ``attention`` (qkr|standard),
+``method`` (statsq|lsq). The training configs (``configs/digits.py`` and the
+ImageNet recipes) embed this under ``config.model``.
+"""
+
+import ml_collections
+
+from ofq_jax.models.deit import model_config
+
+
+def _parse(arg: str) -> dict[str, str]:
+  pairs = [p for p in (arg or "").split(",") if p]
+  parsed = {}
+  for pair in pairs:
+    if "=" not in pair:
+      raise ValueError(f"Config argument {pair!r} is not key=value (e.g. 'size=tiny,bits=2').")
+    key, value = pair.split("=", 1)
+    parsed[key.strip()] = value.strip()
+  unknown = set(parsed) - {"size", "bits", "attention", "method"}
+  if unknown:
+    raise ValueError(f"Unknown config argument(s) {sorted(unknown)}; known: size, bits, "
+                     "attention, method.")
+  return parsed
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  args = _parse(arg)
+  bits = int(args.get("bits", "2"))
+  quant = dict(enabled=bits > 0)
+  if bits > 0:
+    quant.update(weight_bits=bits, act_bits=bits,
+                 attention=args.get("attention", "qkr"),
+                 weight_method=args.get("method", "statsq"))
+  return model_config(args.get("size", "tiny"), quant=quant)

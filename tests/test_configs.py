@@ -1,0 +1,31 @@
+"""Every file in configs/ loads; the model config's argument string is honoured."""
+
+import importlib.util
+import pathlib
+
+import pytest
+
+CONFIGS = sorted((pathlib.Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
+
+
+def load(path):
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_config_files_load(path):
+  assert load(path).get_config() is not None
+
+
+def test_deit_model_arguments():
+  module = load(CONFIGS[[p.stem for p in CONFIGS].index("deit_model")])
+  config = module.get_config("size=small,bits=3,attention=standard,method=lsq")
+  assert config.embed_dim == 384 and config.quant.enabled
+  assert (config.quant.weight_bits, config.quant.attention, config.quant.weight_method) == (
+      3, "standard", "lsq")
+  assert not module.get_config("bits=0").quant.enabled
+  with pytest.raises(ValueError, match="Unknown config argument"):
+    module.get_config("depth=3")
