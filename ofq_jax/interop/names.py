@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable
+from typing import Any
 
+import jax
 import numpy as np
 from flax import nnx
 
@@ -88,6 +90,23 @@ class Entry:
 
 def dotted(path: tuple[str | int, ...]) -> str:
   return ".".join(str(p) for p in path)
+
+
+def state_path(keypath: tuple[Any, ...]) -> tuple[str | int, ...]:
+  """A jax key path into an NNX State (``DictKey``s, then the Variable's ``.value``)
+  as the state path ``('blocks', 0, 'attn', 'q_kernel')``."""
+  parts = []
+  for entry in keypath:
+    if isinstance(entry, jax.tree_util.DictKey):
+      parts.append(entry.key)
+    elif isinstance(entry, jax.tree_util.SequenceKey):
+      parts.append(entry.idx)
+    elif isinstance(entry, jax.tree_util.GetAttrKey):
+      if entry.name != "value":
+        parts.append(entry.name)
+    else:
+      parts.append(str(entry))
+  return tuple(parts)
 
 
 def torch_key(path: tuple[str | int, ...]) -> tuple[str, str]:

@@ -1,0 +1,87 @@
+"""Confidence-guided annealing (spec 4) as an optax GradientTransformation.
+
+Each step, for every target weight, the frozen mask is computed from the
+current (pre-step) weight with the StatsQ rule of ``cga_frozen_mask``; frozen
+gradients are zeroed before the inner optimizer and frozen updates zeroed
+after it, so frozen weights stay bit-exact (AdamW's decoupled decay and the
+resumed first moment would otherwise still move them, spec 4.3). Masks are
+recomputed every step (progressive freezing).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ofq_jax.interop.names import dotted, state_path
+from ofq_jax.quant.statsq import cga_frozen_mask
+
+DEFAULT_TARGETS = (r"blocks\.\d+\.(mlp\.fc1\.kernel|mlp\.fc2\.kernel|attn\.proj\.kernel|"
+                   r"attn\.v_kernel|attn\.qkv\.kernel)")
+"""The reference's targets: fc1, fc2, proj and v (QKR) or qkv (standard) of every block."""
+
+
+class CGAState(NamedTuple):
+  inner: optax.OptState
+
+
+def frozen_masks(params: Any, bits: Any, boundary_range: float) -> Any:
+  """Pytree of frozen masks: ``bits`` is a pytree of ints (0 = not a target)."""
+  def mask(p, b):
+    if not b:
+      return jnp.zeros(jnp.shape(p), bool)
+    return cga_frozen_mask(p, int(b), boundary_range)
+  return jax.tree.map(mask, params, bits)
+
+
+def cga(inner: optax.GradientTransformation, bits: Any, boundary_range: float = 0.005
+        ) -> optax.GradientTransformation:
+  """Wraps ``inner`` so that confidently-quantized target weights are frozen.
+
+  Args:
+    inner: the optimizer (AdamW in the reference, at constant min LR).
+    bits: a pytree like the params holding each target's StatsQ bit-width and
+      0 for non-targets (``cga_bits`` builds it from regexes).
+    boundary_range: BR, the half-width of the trainable band around each
+      rounding threshold in units of the quantization step.
+  """
+  def init(params):
+    return CGAState(inner.init(params))
+
+  def update(grads, state, params=None):
+    if params is None:
+      raise ValueError("cga needs params in update() to compute its masks.")
+    frozen = frozen_masks(params, bits, boundary_range)
+    zero_frozen = lambda m, x: jnp.where(m, jnp.zeros_like(x), x)
+    grads = jax.tree.map(zero_frozen, frozen, grads)
+    updates, inner_state = inner.update(grads, state.inner, params)
+    updates = jax.tree.map(zero_frozen, frozen, updates)
+    return updates, CGAState(inner_state)
+
+  return optax.GradientTransformation(init, update)
+
+
+def frozen_fractions(params: Any, bits: Any, boundary_range: float) -> dict[str, jax.Array]:
+  """Fraction of frozen entries per target (keyed by dotted path) and in total."""
+  frozen = frozen_masks(params, bits, boundary_range)
+  out, total, count = {}, 0.0, 0
+  for (path, m), b in zip(jax.tree_util.tree_flatten_with_path(frozen)[0],
+                          jax.tree.leaves(bits)):
+    if not b:
+      continue
+    name = dotted(state_path(path))
+    out[name] = jnp.mean(m.astype(jnp.float32))
+    total = total + jnp.sum(m.astype(jnp.float32))
+    count += m.size
+  if count:
+    out["total"] = total / count
+  return out
+
+
+def target_bits(params: Any, bits_by_name: dict[str, int]) -> Any:
+  """The ``bits`` pytree of ``cga``: each param's bits by dotted path, 0 elsewhere."""
+  return jax.tree.map_with_path(lambda p, _: bits_by_name.get(dotted(state_path(p)), 0),
+                                params)

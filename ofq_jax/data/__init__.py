@@ -1,0 +1,48 @@
+"""Input pipelines behind one small interface (``DataSource``), chosen by name."""
+
+from __future__ import annotations
+
+from typing import Protocol
+from collections.abc import Iterator
+
+import ml_collections
+import numpy as np
+
+Batch = dict[str, np.ndarray]
+
+
+class DataSource(Protocol):
+  """What the training loop needs from a dataset.
+
+  Batches are host-local numpy dicts (``image`` NHWC float32, ``label`` int32;
+  eval batches also ``mask``, 1 for real examples) holding this process's
+  share of the global batch; ``train_batches(start_step=k)`` must yield the
+  same batches an uninterrupted run yields from step ``k`` on.
+  """
+  num_classes: int
+  image_shape: tuple[int, int, int]
+  train_size: int
+  eval_size: int
+
+  def train_batches(self, *, global_batch: int, start_step: int, seed: int,
+                    process_index: int, process_count: int) -> Iterator[Batch]: ...
+
+  def eval_batches(self, *, global_batch: int, process_index: int,
+                   process_count: int) -> Iterator[Batch]: ...
+
+
+def build(config: ml_collections.ConfigDict) -> DataSource:
+  """The data source named by ``config.name``."""
+  if config.name == "digits":
+    from ofq_jax.data.digits import DigitsSource  # pylint: disable=import-outside-toplevel
+    return DigitsSource(image_size=config.image_size, augment=config.get("augment", "shift"))
+  raise ValueError(f"Unknown dataset {config.name!r}; available: 'digits'.")
+
+
+def steps_per_epoch(source: DataSource, global_batch: int) -> int:
+  """Full batches per epoch (the reference drops the last partial batch)."""
+  steps = source.train_size // global_batch
+  if steps < 1:
+    raise ValueError(f"batch_size={global_batch} is larger than the {source.train_size} "
+                     "training examples.")
+  return steps

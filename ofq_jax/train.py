@@ -1,0 +1,568 @@
+"""``train_and_evaluate(config, workdir)``: the OFQ pipeline, float -> QAT -> CGA.
+
+Stages (``config.stages``, run in order, each resumable on its own):
+
+* ``float``: train or fine-tune the float DeiT (CE on both heads).
+* ``qat``: quantize the float teacher (``qat.teacher``: empty = this workdir's float
+  stage, or a timm / FB DeiT file, or an ofq_jax model directory), calibrate the LSQ
+  steps on one training batch, train with knowledge distillation (spec 5.1).
+* ``cga``: resume the QAT state (parameters and AdamW moments), train at the QAT
+  stage's constant ``min_lr`` with confidence-guided annealing (spec 4).
+
+One jitted train step with explicit NamedShardings over a ``(data, fsdp)`` mesh;
+global batches from host-local data; process 0 alone logs. Layout of ``workdir``:
+``metrics.jsonl``, ``tensorboard/<stage>``, ``checkpoints/<stage>/<step>`` (full
+training state, resumed automatically), ``models/<stage>`` (final parameters),
+``summary.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from ofq_jax import data as data_lib
+from ofq_jax import cga as cga_lib
+from ofq_jax import losses, optim, sharding
+from ofq_jax.checkpointing import Checkpointer
+from ofq_jax.interop import load_timm_deit, quantize_from_float
+from ofq_jax.interop.checkpoints import float_config
+from ofq_jax.interop.names import dotted
+from ofq_jax.metrics import MetricsWriter, Progress
+from ofq_jax.models import calibrate, create_model
+from ofq_jax.models.attention import QKRAttention
+from ofq_jax.models.layers import QDense
+from ofq_jax.models.quantizers import QuantBuffer
+
+STAGES = ("float", "qat", "cga")
+FAULT_ENV = "OFQ_JAX_FAULT_AFTER_STEP"
+"""Fault injection for preemption tests: ``STAGE:STEP`` SIGKILLs this process once the
+checkpoint of that step of that stage is written; ``STAGE:STEP:term`` sends it SIGTERM
+at that step instead (a preemption notice)."""
+
+
+@dataclasses.dataclass
+class StageResult:
+  top1: float
+  top5: float
+  steps: int
+  frozen_fraction: float | None = None
+  preempted: bool = False
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop polls, so it can save and stop cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. some notebook runners)
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _log(text: str) -> None:
+  if jax.process_index() == 0:
+    print(text, flush=True)
+
+
+def _model_configs(config) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict]:
+  quant = copy.deepcopy(config.model)
+  quant.quant.enabled = True
+  return float_config(config.model), quant
+
+
+def _place(tree: Any, shardings: Any) -> Any:
+  """Host values (identical on every process) -> global arrays with ``shardings``."""
+  def put(x, s):
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, s, lambda index: host[index])
+  return jax.tree.map(put, tree, shardings)
+
+
+def _abstract(tree: Any, shardings: Any) -> Any:
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s),
+                      tree, shardings)
+
+
+def _host(tree: Any) -> Any:
+  """Fully replicated copies on host (process-local numpy)."""
+  return jax.tree.map(lambda x: np.asarray(jax.device_get(_replicate(x))), tree)
+
+
+def _replicate(x):
+  if isinstance(x, jax.Array) and not x.is_fully_replicated:
+    mesh = x.sharding.mesh
+    return jax.jit(lambda y: y, out_shardings=sharding.replicated(mesh))(x)
+  return x
+
+
+def save_model(directory: str, model: nnx.Module) -> None:
+  """Final parameters (and quantizer buffers) of a stage, for the next stage or export."""
+  _, state = nnx.split(model)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.abspath(directory), state, force=True)
+  checkpointer.wait_until_finished()
+
+
+def load_model(directory: str, model: nnx.Module) -> nnx.Module:
+  """Restores ``save_model`` output into ``model`` (same config)."""
+  _, state = nnx.split(model)
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  restored = ocp.StandardCheckpointer().restore(os.path.abspath(directory), abstract)
+  nnx.update(model, restored)
+  return model
+
+
+def _load_float_model(source: str, workdir: str, float_cfg) -> nnx.Module:
+  """The float model a QAT / CGA stage starts from and distils from."""
+  if not source:
+    directory = os.path.join(workdir, "models", "float")
+    if not os.path.isdir(directory):
+      raise FileNotFoundError(
+          f"No float model in {directory}: run the 'float' stage first (config.stages) or set "
+          "--config.qat.teacher=PATH to a timm / FB DeiT file or an ofq_jax model directory.")
+    return load_model(directory, create_model(float_cfg))
+  if not os.path.exists(source):
+    raise FileNotFoundError(f"Teacher / pretrained file {source!r} does not exist; point "
+                            "config.qat.teacher at a timm / FB DeiT checkpoint (.pth, .npz, "
+                            ".safetensors) or an ofq_jax model directory.")
+  if os.path.isdir(source):
+    return load_model(source, create_model(float_cfg))
+  return load_timm_deit(source, float_cfg)
+
+
+def _statsq_bits(model: nnx.Module, targets: str) -> dict[str, int]:
+  """Dotted param path -> StatsQ bits of each CGA target weight matching ``targets``."""
+  import re  # pylint: disable=import-outside-toplevel
+  pattern = re.compile(targets)
+  bits = {}
+  for path, module in nnx.iter_modules(model):
+    spec = getattr(module, "spec", None)
+    if spec is None or not spec.quantize_weights or spec.weight_method != "statsq":
+      continue
+    names = ("kernel",) if isinstance(module, QDense) else (
+        ("v_kernel",) if isinstance(module, QKRAttention) else ())
+    for name in names:
+      key = dotted(tuple(path) + (name,))
+      if pattern.fullmatch(key):
+        bits[key] = spec.weight_bits
+  return bits
+
+
+class _Stage:
+  """One stage of ``train_and_evaluate``."""
+
+  def __init__(self, name: str, config, workdir: str, source, mesh):
+    self.name = name
+    self.config = config
+    self.scfg = config[name]
+    self.workdir = workdir
+    self.source = source
+    self.mesh = mesh
+    self.float_cfg, self.quant_cfg = _model_configs(config)
+    self.model_cfg = self.float_cfg if name == "float" else self.quant_cfg
+    self.steps_per_epoch = data_lib.steps_per_epoch(source, config.batch_size)
+    if name == "cga":
+      epochs = self.scfg.epochs
+    else:
+      epochs = self.scfg.epochs + self.scfg.get("cooldown_epochs", 0)
+    self.total_steps = (config.num_train_steps if config.num_train_steps > 0
+                        else epochs * self.steps_per_epoch)
+    self.seed = config.seed + STAGES.index(name)
+    self.ckpt_dir = os.path.join(workdir, "checkpoints", name)
+    self.model_dir = os.path.join(workdir, "models", name)
+
+  # ----------------------------------------------------------------- optimizer
+  def schedule(self) -> optax.Schedule:
+    if self.name == "cga":
+      min_lr = self.config.qat.min_lr
+      return lambda step: jnp.full((), min_lr, jnp.float32)
+    s = self.scfg
+    return optim.epoch_schedule(self.steps_per_epoch, base_lr=s.lr, epochs=s.epochs,
+                                warmup_epochs=s.warmup_epochs, warmup_lr=s.warmup_lr,
+                                min_lr=s.min_lr)
+
+  def optimizer(self, params, schedule) -> optax.GradientTransformation:
+    hyper = self.config.qat if self.name == "cga" else self.scfg
+    tx = optim.adamw(schedule, weight_decay=hyper.weight_decay,
+                     mask=optim.weight_decay_mask(params), b1=self.config.optim.b1,
+                     b2=self.config.optim.b2, eps=self.config.optim.eps,
+                     grad_clip_norm=self.config.optim.grad_clip_norm)
+    return tx
+
+  # ----------------------------------------------------------------- models
+  def build(self):
+    """(student, teacher or None) at their initial values for a fresh start."""
+    if self.name == "float":
+      if self.scfg.init_from:
+        return _load_float_model(self.scfg.init_from, self.workdir, self.float_cfg), None
+      return create_model(self.float_cfg, nnx.Rngs(self.seed)), None
+    teacher_source = self.config.qat.teacher
+    teacher = _load_float_model(teacher_source, self.workdir, self.float_cfg)
+    student = quantize_from_float(teacher, self.quant_cfg, seed=self.seed)
+    return student, teacher
+
+  # ----------------------------------------------------------------- run
+  def run(self) -> StageResult:
+    config = self.config
+    progress = Progress(self.name, self.total_steps, 0)
+    checkpointer = Checkpointer(self.ckpt_dir, keep=config.keep_checkpoints,
+                                async_save=config.async_checkpointing, log=_log)
+    try:
+      return self._run(progress, checkpointer)
+    finally:
+      checkpointer.close()
+
+  def _run(self, progress: Progress, checkpointer: Checkpointer) -> StageResult:
+    config, mesh = self.config, self.mesh
+    student, teacher = self.build()
+    graphdef, params, buffers = nnx.split(student, nnx.Param, QuantBuffer)
+    schedule = self.schedule()
+    inner = self.optimizer(params, schedule)
+    cga_bits = None
+    if self.name == "cga":
+      bits_by_name = _statsq_bits(student, self.scfg.targets)
+      if not bits_by_name:
+        raise ValueError(f"cga.targets={self.scfg.targets!r} matches no StatsQ weight.")
+      cga_bits = cga_lib.target_bits(params, bits_by_name)
+      tx = cga_lib.cga(inner, cga_bits, self.scfg.boundary_range)
+    else:
+      tx = inner
+
+    param_sh = sharding.state_shardings(params, mesh, config.fsdp_min_size)
+    buffer_sh = jax.tree.map(lambda _: sharding.replicated(mesh), buffers)
+    opt_shape = jax.eval_shape(tx.init, params)
+    opt_sh = sharding.state_shardings(opt_shape, mesh, config.fsdp_min_size)
+    state_sh = {"params": param_sh, "buffers": buffer_sh, "opt_state": opt_sh,
+                "step": sharding.replicated(mesh)}
+    abstract_state = _abstract({"params": params, "buffers": buffers, "opt_state": opt_shape,
+                                "step": jnp.int32(0)}, state_sh)
+
+    teacher_state = teacher_graphdef = teacher_sh = None
+    if teacher is not None:
+      teacher_graphdef, teacher_state = nnx.split(teacher)
+      teacher_sh = sharding.state_shardings(teacher_state, mesh, config.fsdp_min_size)
+      teacher_state = _place(teacher_state, teacher_sh)
+
+    resumed = checkpointer.restore(abstract_state) if checkpointer.steps() else None
+    if resumed is not None:
+      start_step, state, meta = resumed
+      progress.message(f"resumed from checkpoint {start_step} in {self.ckpt_dir}")
+      if meta.get("done"):
+        nnx.update(student, _host(state["params"]), _host(state["buffers"]))
+        progress.message(f"stage already complete (top-1 {meta['eval']['top1']:.2f}%)")
+        return StageResult(steps=start_step, **meta["eval"])
+    else:
+      start_step = 0
+      state = self._initial_state(student, params, buffers, tx, state_sh, abstract_state,
+                                  checkpointer)
+    progress.start_step = start_step
+
+    train_step = self._train_step_fn(graphdef, tx, schedule, teacher_graphdef, cga_bits,
+                                     state_sh, teacher_sh)
+    writer = MetricsWriter(self.workdir, self.name,
+                           tensorboard=config.get("tensorboard", True))
+    batches = self.source.train_batches(
+        global_batch=config.batch_size, start_step=start_step, seed=self.seed,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    fault = (os.environ.get(FAULT_ENV, "") + "::").split(":")
+    fault_step = int(fault[1]) if fault[0] == self.name else -1
+    fault_signal = signal.SIGTERM if fault[2] == "term" else signal.SIGKILL
+    last_log_time, last_log_step = time.time(), start_step
+    frozen = None
+    with _Preemption() as preemption:
+      for step in range(start_step + 1, self.total_steps + 1):
+        batch = sharding.global_batch(next(batches), mesh)
+        args = (state, batch) if teacher_state is None else (state, batch, teacher_state)
+        state, metrics = train_step(*args)
+        loss = float(metrics["train/loss"])
+        if not math.isfinite(loss):
+          raise FloatingPointError(
+              f"[{self.name}] loss is {loss} at step {step}; stopping. The last good "
+              f"checkpoint is kept in {self.ckpt_dir} (steps {checkpointer.steps()}). Lower "
+              "the learning rate or enable optim.grad_clip_norm, then rerun to resume.")
+        if step % config.log_every_steps == 0 or step == self.total_steps:
+          now = time.time()
+          metrics = dict(metrics)
+          metrics["train/images_per_sec"] = (
+              (step - last_log_step) * config.batch_size / max(now - last_log_time, 1e-9))
+          metrics["epoch"] = step / self.steps_per_epoch
+          values = writer.write(step, metrics)
+          progress.log(step, values)
+          frozen = values.get("train/frozen_fraction", frozen)
+          last_log_time, last_log_step = time.time(), step
+        if (config.eval_every_steps > 0 and step % config.eval_every_steps == 0
+            and step != self.total_steps):
+          self._log_eval(writer, progress, step, graphdef, state)
+        if step == fault_step and fault_signal == signal.SIGTERM:
+          os.kill(os.getpid(), signal.SIGTERM)
+        periodic = step % config.checkpoint_every_steps == 0 and step != self.total_steps
+        if periodic or preemption.requested:
+          checkpointer.save(step, state, {"step": step, "stage": self.name,
+                                          "data_position": step, "done": False})
+        if step == fault_step and fault_signal == signal.SIGKILL:
+          checkpointer.wait()
+          os.kill(os.getpid(), signal.SIGKILL)
+        if preemption.requested:
+          checkpointer.wait()
+          progress.message(f"SIGTERM: saved checkpoint {step}; rerun the same command to "
+                           "resume.")
+          writer.close()
+          return StageResult(top1=float("nan"), top5=float("nan"), steps=step,
+                             preempted=True)
+
+    result = self._log_eval(writer, progress, self.total_steps, graphdef, state)
+    if self.name == "cga":
+      fractions = cga_lib.frozen_fractions(state["params"], cga_bits,
+                                           self.scfg.boundary_range)
+      frozen = float(fractions["total"])
+    writer.close()
+    eval_meta = {"top1": result["top1"], "top5": result["top5"]}
+    if frozen is not None:
+      eval_meta["frozen_fraction"] = frozen
+    checkpointer.save(self.total_steps, state, {"step": self.total_steps, "stage": self.name,
+                                                "data_position": self.total_steps,
+                                                "done": True, "eval": eval_meta})
+    checkpointer.wait()
+    nnx.update(student, _host(state["params"]), _host(state["buffers"]))
+    save_model(self.model_dir, student)
+    return StageResult(steps=self.total_steps, **eval_meta)
+
+  def _initial_state(self, student, params, buffers, tx, state_sh, abstract_state,
+                     checkpointer):
+    """Fresh state: calibrated student (QAT), or the resumed QAT state (CGA)."""
+    config = self.config
+    if self.name == "qat":
+      first = next(self.source.train_batches(
+          global_batch=config.batch_size, start_step=0, seed=self.seed,
+          process_index=jax.process_index(), process_count=jax.process_count()))
+      placed = _place(nnx.state(student), jax.tree.map(
+          lambda _: sharding.replicated(self.mesh), nnx.state(student)))
+      nnx.update(student, placed)
+      calibrate(student, sharding.global_batch(first, self.mesh)["image"])
+      _, params, buffers = nnx.split(student, nnx.Param, QuantBuffer)
+      params, buffers = _host(params), _host(buffers)
+    if self.name == "cga":
+      return self._resume_qat_state(state_sh, abstract_state)
+    params = _place(params, state_sh["params"])
+    buffers = _place(buffers, state_sh["buffers"])
+    opt_state = jax.jit(tx.init, out_shardings=state_sh["opt_state"])(params)
+    return {"params": params, "buffers": buffers, "opt_state": opt_state,
+            "step": _place(np.int32(0), state_sh["step"])}
+
+  def _resume_qat_state(self, state_sh, abstract_state):
+    """CGA starts from the QAT stage's last state, its AdamW moments included (spec 4.1)."""
+    directory = self.scfg.resume or os.path.join(self.workdir, "checkpoints", "qat")
+    qat = Checkpointer(directory, keep=self.config.keep_checkpoints, async_save=False, log=_log)
+    try:
+      if not qat.steps():
+        raise FileNotFoundError(f"No QAT checkpoint in {directory}: run the 'qat' stage first "
+                                "or set --config.cga.resume=DIR (a checkpoints/qat folder).")
+      inner_abstract = dict(abstract_state)
+      inner_abstract["opt_state"] = abstract_state["opt_state"].inner
+      step, state, _ = qat.restore(inner_abstract)
+    finally:
+      qat.close()
+    _log(f"[cga] starting from QAT checkpoint {step} in {directory}")
+    state["opt_state"] = cga_lib.CGAState(state["opt_state"])
+    state["step"] = _place(np.int32(0), state_sh["step"])
+    return state
+
+  def _train_step_fn(self, graphdef, tx, schedule, teacher_graphdef, cga_bits, state_sh,
+                     teacher_sh):
+    return make_train_step(
+        graphdef, tx, schedule, mesh=self.mesh, state_shardings=state_sh,
+        teacher_graphdef=teacher_graphdef, teacher_shardings=teacher_sh,
+        num_classes=self.model_cfg.num_classes,
+        label_smoothing=self.config.get("label_smoothing", 0.0),
+        teacher_logits=self.config.kd.teacher_logits, cga_bits=cga_bits,
+        boundary_range=self.scfg.get("boundary_range", 0.0))
+
+  def _log_eval(self, writer, progress, step, graphdef, state) -> dict[str, float]:
+    result = evaluate(graphdef, state["params"], state["buffers"], self.source, self.mesh,
+                      self.config.eval_batch_size)
+    writer.write(step, {"eval/top1": result["top1"], "eval/top5": result["top5"]})
+    progress.message(f"step {step}: eval top-1 {result['top1']:.2f}% top-5 "
+                     f"{result['top5']:.2f}% ({result['count']} images)")
+    return result
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
+                    mesh, state_shardings, teacher_graphdef=None, teacher_shardings=None,
+                    num_classes: int, label_smoothing: float = 0.0,
+                    teacher_logits: str = "cls", cga_bits=None, boundary_range: float = 0.0):
+  """The jitted train step ``(state, batch[, teacher_state]) -> (state, metrics)``.
+
+  ``state`` is ``{"params", "buffers", "opt_state", "step"}``. Without a teacher the
+  loss is CE on both heads (float stage); with one it is the reference KD loss (soft
+  CE of the dist head against the teacher's cls logits, hard CE of the cls head). The
+  state is donated; shardings are explicit on every input and output.
+  """
+  def loss_fn(params, buffers, batch, teacher_state):
+    # copy=True: fresh Variables inside this trace, so the image quantizer may update
+    # its sign buffer.
+    model = nnx.merge(graphdef, params, buffers, copy=True)
+    outputs = model(batch["image"], train=True)
+    new_buffers = nnx.state(model, QuantBuffer)
+    cls_logits, dist_logits = outputs if isinstance(outputs, tuple) else (outputs, outputs)
+    labels = batch["label"]
+    ce = lambda logits: losses.cross_entropy(logits, labels, num_classes=num_classes,
+                                             label_smoothing=label_smoothing)
+    if teacher_state is None:
+      return 0.5 * (ce(cls_logits) + ce(dist_logits)), new_buffers
+    teacher = nnx.merge(teacher_graphdef, teacher_state)
+    t_out = teacher(batch["image"], train=True)
+    if isinstance(t_out, tuple):
+      t_logits = t_out[0] if teacher_logits == "cls" else (t_out[0] + t_out[1]) / 2
+    else:
+      t_logits = t_out
+    loss = losses.kd_loss(cls_logits, dist_logits, jax.lax.stop_gradient(t_logits), labels,
+                          num_classes=num_classes, label_smoothing=label_smoothing)
+    return loss, new_buffers
+
+  def step_fn(state, batch, teacher_state=None):
+    (loss, buffers), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["params"], state["buffers"], batch, teacher_state)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = {"train/loss": loss, "train/lr": schedule(state["step"]),
+               "train/grad_norm": optax.tree.norm(grads)}
+    if cga_bits is not None:
+      fractions = cga_lib.frozen_fractions(state["params"], cga_bits, boundary_range)
+      metrics["train/frozen_fraction"] = fractions.pop("total")
+      metrics.update({f"cga/frozen/{k}": v for k, v in fractions.items()})
+    new_state = {"params": params, "buffers": buffers, "opt_state": opt_state,
+                 "step": state["step"] + 1}
+    return new_state, metrics
+
+  batch_sh = {"image": sharding.batch_sharding(mesh), "label": sharding.batch_sharding(mesh)}
+  if teacher_graphdef is None:
+    return jax.jit(lambda s, b: step_fn(s, b), in_shardings=(state_shardings, batch_sh),
+                   out_shardings=(state_shardings, None), donate_argnums=0)
+  return jax.jit(step_fn, in_shardings=(state_shardings, batch_sh, teacher_shardings),
+                 out_shardings=(state_shardings, None), donate_argnums=0)
+
+
+def evaluate(graphdef, params, buffers, source, mesh, global_batch: int) -> dict[str, float]:
+  """Top-1 / top-5 (percent) over the eval split; padding is masked out, so every image
+  counts exactly once whatever the number of hosts."""
+  @jax.jit
+  def counts(params, buffers, batch):
+    model = nnx.merge(graphdef, params, buffers)
+    logits = model(batch["image"], train=False)
+    top5 = jnp.argsort(-logits, axis=-1)[:, :5]
+    hit1 = (top5[:, 0] == batch["label"]).astype(jnp.float32)
+    hit5 = jnp.any(top5 == batch["label"][:, None], axis=-1).astype(jnp.float32)
+    mask = batch["mask"]
+    return jnp.sum(hit1 * mask), jnp.sum(hit5 * mask), jnp.sum(mask)
+
+  total1 = total5 = count = 0.0
+  for local in source.eval_batches(global_batch=global_batch,
+                                   process_index=jax.process_index(),
+                                   process_count=jax.process_count()):
+    c1, c5, n = counts(params, buffers, sharding.global_batch(local, mesh))
+    total1, total5, count = total1 + float(c1), total5 + float(c5), count + float(n)
+  return {"top1": 100.0 * total1 / max(count, 1), "top5": 100.0 * total5 / max(count, 1),
+          "count": int(count)}
+
+
+def _check_inputs_exist(config, workdir: str) -> None:
+  """Missing teacher / resume inputs fail before anything is written."""
+  stages = tuple(config.stages)
+  if "qat" in stages or "cga" in stages:
+    teacher = config.qat.teacher
+    if teacher and not os.path.exists(teacher):
+      raise FileNotFoundError(f"config.qat.teacher={teacher!r} does not exist; point it at a "
+                              "timm / FB DeiT checkpoint (.pth, .npz, .safetensors) or an "
+                              "ofq_jax model directory (workdir/models/float).")
+    if not teacher and "float" not in stages and not os.path.isdir(
+        os.path.join(workdir, "models", "float")):
+      raise FileNotFoundError(
+          f"No float model in {workdir}/models/float and config.qat.teacher is empty: add "
+          "'float' to config.stages or set --config.qat.teacher=PATH.")
+  if "cga" in stages and "qat" not in stages:
+    resume = config.cga.resume or os.path.join(workdir, "checkpoints", "qat")
+    if not os.path.isdir(resume):
+      raise FileNotFoundError(f"CGA resumes a QAT state, but {resume} does not exist: add "
+                              "'qat' to config.stages or set --config.cga.resume=DIR.")
+
+
+def validate_config(config) -> None:
+  """Clear errors for a bad training config before anything is written."""
+  unknown = [s for s in config.stages if s not in STAGES]
+  if unknown or not config.stages:
+    raise ValueError(f"config.stages={tuple(config.stages)!r}: each must be one of {STAGES}.")
+  order = [STAGES.index(s) for s in config.stages]
+  if order != sorted(order):
+    raise ValueError(f"config.stages={tuple(config.stages)!r} must follow the order {STAGES}.")
+  for key in ("log_every_steps", "checkpoint_every_steps", "batch_size", "eval_batch_size"):
+    if config[key] <= 0:
+      raise ValueError(f"config.{key}={config[key]} must be positive.")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs ``config.stages`` in ``workdir`` (resuming whatever is there); returns the
+  summary also written to ``workdir/summary.json``."""
+  start = time.time()
+  validate_config(config)
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  sharding.check_batch(config.batch_size, mesh)
+  sharding.check_batch(config.eval_batch_size, mesh, "eval_batch_size")
+  source = data_lib.build(config.data)
+  workdir = os.path.abspath(workdir)
+  _check_inputs_exist(config, workdir)
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  results: dict[str, StageResult] = {}
+  for stage in config.stages:
+    results[stage] = _Stage(stage, config, workdir, source, mesh).run()
+    if results[stage].preempted:
+      break
+  summary: dict[str, Any] = {f"{k}_top1": v.top1 for k, v in results.items()}
+  if "cga" in results:
+    summary["frozen_fraction"] = results["cga"].frozen_fraction
+  summary["wall_seconds"] = time.time() - start
+  summary["preempted"] = any(r.preempted for r in results.values())
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
+      json.dump(summary, f, indent=2)
+    _print_table(results, summary)
+  return summary
+
+
+def _print_table(results: dict[str, StageResult], summary: dict[str, Any]) -> None:
+  lines = ["", "stage   top-1 %   top-5 %   steps   frozen"]
+  for name, r in results.items():
+    frozen = "" if r.frozen_fraction is None else f"{r.frozen_fraction:.4f}"
+    lines.append(f"{name:<7} {r.top1:>7.2f}   {r.top5:>7.2f}   {r.steps:>5}   {frozen}")
+  lines.append(f"wall time {summary['wall_seconds']:.1f} s")
+  print("\n".join(lines), flush=True)
