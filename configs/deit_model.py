@@ -11,26 +11,12 @@ ImageNet recipes) embed this under ``config.model``.
 
 import ml_collections
 
+from ofq_jax.config_args import parse_config_arg
 from ofq_jax.models.deit import model_config
 
 
-def _parse(arg: str) -> dict[str, str]:
-  pairs = [p for p in (arg or "").split(",") if p]
-  parsed = {}
-  for pair in pairs:
-    if "=" not in pair:
-      raise ValueError(f"Config argument {pair!r} is not key=value (e.g. 'size=tiny,bits=2').")
-    key, value = pair.split("=", 1)
-    parsed[key.strip()] = value.strip()
-  unknown = set(parsed) - {"size", "bits", "attention", "method"}
-  if unknown:
-    raise ValueError(f"Unknown config argument(s) {sorted(unknown)}; known: size, bits, "
-                     "attention, method.")
-  return parsed
-
-
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  args = _parse(arg)
+  args = parse_config_arg(arg, ("size", "bits", "attention", "method"))
   bits = int(args.get("bits", "2"))
   quant = dict(enabled=bits > 0)
   if bits > 0:

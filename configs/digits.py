@@ -11,25 +11,13 @@ Any field can be overridden, e.g. ``--config.qat.epochs=10 --config.batch_size=1
 
 import ml_collections
 
+from ofq_jax.config_args import parse_config_arg
 from ofq_jax.cga import DEFAULT_TARGETS
 from ofq_jax.models.deit import model_config
 
 
-def _parse(arg: str) -> dict[str, str]:
-  parsed = {}
-  for pair in [p for p in (arg or "").split(",") if p]:
-    if "=" not in pair:
-      raise ValueError(f"Config argument {pair!r} is not key=value (e.g. 'bits=4,seed=1').")
-    key, value = pair.split("=", 1)
-    parsed[key.strip()] = value.strip()
-  unknown = set(parsed) - {"bits", "seed"}
-  if unknown:
-    raise ValueError(f"Unknown digits config argument(s) {sorted(unknown)}; known: bits, seed.")
-  return parsed
-
-
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  args = _parse(arg)
+  args = parse_config_arg(arg, ("bits", "seed"))
   bits = int(args.get("bits", "2"))
   config = ml_collections.ConfigDict()
   config.seed = int(args.get("seed", "0"))

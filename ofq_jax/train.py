@@ -276,13 +276,11 @@ class _Stage:
       start_step, state, meta = resumed
       progress.message(f"resumed from checkpoint {start_step} in {self.ckpt_dir}")
       if meta.get("done"):
-        nnx.update(student, _host(state["params"]), _host(state["buffers"]))
         progress.message(f"stage already complete (top-1 {meta['eval']['top1']:.2f}%)")
         return StageResult(steps=start_step, **meta["eval"])
     else:
       start_step = 0
-      state = self._initial_state(student, params, buffers, tx, state_sh, abstract_state,
-                                  checkpointer)
+      state = self._initial_state(student, params, buffers, tx, state_sh, abstract_state)
     progress.start_step = start_step
 
     train_step = self._train_step_fn(graphdef, tx, schedule, teacher_graphdef, cga_bits,
@@ -302,13 +300,13 @@ class _Stage:
         batch = sharding.global_batch(next(batches), mesh)
         args = (state, batch) if teacher_state is None else (state, batch, teacher_state)
         state, metrics = train_step(*args)
-        loss = float(metrics["train/loss"])
-        if not math.isfinite(loss):
-          raise FloatingPointError(
-              f"[{self.name}] loss is {loss} at step {step}; stopping. The last good "
-              f"checkpoint is kept in {self.ckpt_dir} (steps {checkpointer.steps()}). Lower "
-              "the learning rate or enable optim.grad_clip_norm, then rerun to resume.")
-        if step % config.log_every_steps == 0 or step == self.total_steps:
+        log_now = step % config.log_every_steps == 0 or step == self.total_steps
+        periodic = step % config.checkpoint_every_steps == 0 and step != self.total_steps
+        if log_now or periodic or preemption.requested:
+          # The loss is fetched only here, so steps stay asynchronous in between; NaN
+          # parameters keep the loss non-finite, so it is caught before the next save.
+          self._check_loss(float(metrics["train/loss"]), step, checkpointer)
+        if log_now:
           now = time.time()
           metrics = dict(metrics)
           metrics["train/images_per_sec"] = (
@@ -323,7 +321,6 @@ class _Stage:
           self._log_eval(writer, progress, step, graphdef, state)
         if step == fault_step and fault_signal == signal.SIGTERM:
           os.kill(os.getpid(), signal.SIGTERM)
-        periodic = step % config.checkpoint_every_steps == 0 and step != self.total_steps
         if periodic or preemption.requested:
           checkpointer.save(step, state, {"step": step, "stage": self.name,
                                           "data_position": step, "done": False})
@@ -355,8 +352,14 @@ class _Stage:
     save_model(self.model_dir, student)
     return StageResult(steps=self.total_steps, **eval_meta)
 
-  def _initial_state(self, student, params, buffers, tx, state_sh, abstract_state,
-                     checkpointer):
+  def _check_loss(self, loss: float, step: int, checkpointer: Checkpointer) -> None:
+    if not math.isfinite(loss):
+      raise FloatingPointError(
+          f"[{self.name}] loss is {loss} at step {step}; stopping. The last good checkpoint "
+          f"is kept in {self.ckpt_dir} (steps {checkpointer.steps()}). Lower the learning "
+          "rate or enable optim.grad_clip_norm, then rerun to resume.")
+
+  def _initial_state(self, student, params, buffers, tx, state_sh, abstract_state):
     """Fresh state: calibrated student (QAT), or the resumed QAT state (CGA)."""
     config = self.config
     if self.name == "qat":

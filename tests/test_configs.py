@@ -29,3 +29,5 @@ def test_deit_model_arguments():
   assert not module.get_config("bits=0").quant.enabled
   with pytest.raises(ValueError, match="Unknown config argument"):
     module.get_config("depth=3")
+  with pytest.raises(ValueError, match="not key=value"):
+    module.get_config("small")

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ofq_jax.models.layers import Precision, QDense, default_kernel_init, move_bias
+from ofq_jax.models.layers import Precision, QDense, default_kernel_init, dense, move_bias
 from ofq_jax.models.quantizers import LsqQuantizer
 from ofq_jax.quant.rules import QuantSpec
 from ofq_jax.quant.statsq import statsq_quantize
@@ -72,10 +72,11 @@ class StandardAttention(nnx.Module):
       k = jnp.reshape(self.k_quant(k), (batch, tokens, dim)) + self.move_k_aft[...]
       v = self.v_quant(jnp.reshape(v, (batch, tokens, dim))) + self.move_v_aft[...]
       q, k, v = (jnp.reshape(t, (batch, tokens, heads, head_dim)) for t in (q, k, v))
-    logits = jnp.einsum("bihe,bjhe->bhij", q, k, precision=self.precision)
+    q, k, v = (jnp.transpose(t, (0, 2, 1, 3)) for t in (q, k, v))  # (B, H, N, d)
+    logits = jnp.einsum("bhie,bhje->bhij", q, k, precision=self.precision)
     probs = _softmax_probs(logits * head_dim ** -0.5, self.softmax_quant)
-    out = jnp.einsum("bhij,bjhe->bihe", probs, v, precision=self.precision)
-    return self.proj(jnp.reshape(out, (batch, tokens, dim)))
+    out = jnp.einsum("bhij,bhje->bhie", probs, v, precision=self.precision)
+    return self.proj(jnp.reshape(jnp.transpose(out, (0, 2, 1, 3)), (batch, tokens, dim)))
 
 
 class QKRAttention(nnx.Module):
@@ -145,21 +146,26 @@ class QKRAttention(nnx.Module):
     v_kernel = self.v_kernel[...]
     if self.spec.quantize_weights:
       v_kernel = statsq_quantize(v_kernel, self.spec.weight_bits, (0,))
-    v = jnp.matmul(xq, v_kernel, precision=self.precision) + self.v_bias[...]
+    v = dense(xq, v_kernel, self.precision) + self.v_bias[...]
     if acts:
       v = self.v_quant(v + self.move_v_b4[...]) + self.move_v_aft[...]
-    v = jnp.reshape(v, (batch, tokens, heads, head_dim))
+    v = jnp.transpose(jnp.reshape(v, (batch, tokens, heads, head_dim)), (0, 2, 1, 3))
 
-    # Key side: t[b, j, h, r] = sum_c W_qk[h, r, c] xq[b, j, c].
-    keys = jnp.einsum("hrc,bjc->bjhr", self.quantized_qk_product(), xq,
-                      precision=self.precision)
+    # Key side: t[b, j, h, r] = sum_c W_qk[h, r, c] xq[b, j, c], one GEMM over all heads.
+    wqk = self.quantized_qk_product()  # (H, D_r, D_c)
+    wqk_2d = jnp.reshape(jnp.transpose(wqk, (2, 0, 1)), (dim, heads * dim))
+    keys = jnp.reshape(dense(xq, wqk_2d, self.precision), (batch, tokens, heads, dim))
     if acts:
       keys = keys + jnp.reshape(self.move_qkx_b4[...], (heads, dim))
       keys = self.qkx_quant(keys) + jnp.reshape(self.move_qkx_aft[...], (heads, dim))
-    logits = jnp.einsum("bir,bjhr->bhij", xq, keys, precision=self.precision)
+    # logits[b, h, i, j] = sum_r xq[b, i, r] t[b, j, h, r]: batched over b with the
+    # (h, j) pairs as one axis of columns.
+    keys_t = jnp.reshape(keys, (batch, tokens * heads, dim))
+    logits = jnp.einsum("bir,bkr->bik", xq, keys_t, precision=self.precision)
+    logits = jnp.transpose(jnp.reshape(logits, (batch, tokens, tokens, heads)), (0, 3, 1, 2))
     if self.key_bias is not None:
       key_term = jnp.einsum("bjc,hc->bhj", xq, self.key_bias[...], precision=self.precision)
       logits = logits + key_term[:, :, None, :]
     probs = _softmax_probs(logits * head_dim ** -0.5, self.softmax_quant)
-    out = jnp.einsum("bhij,bjhe->bihe", probs, v, precision=self.precision)
-    return self.proj(jnp.reshape(out, (batch, tokens, dim)))
+    out = jnp.einsum("bhij,bhje->bhie", probs, v, precision=self.precision)
+    return self.proj(jnp.reshape(jnp.transpose(out, (0, 2, 1, 3)), (batch, tokens, dim)))
