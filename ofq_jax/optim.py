@@ -8,7 +8,6 @@ epoch, and every epoch at or past ``epochs`` (the cooldown) runs at ``min_lr``.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -75,5 +74,3 @@ def adamw(learning_rate: optax.ScalarOrSchedule, *, weight_decay: float, mask,
                            mask=mask))
   return optax.chain(*parts)
 
-
-Schedule = Callable[[jax.Array], jax.Array]

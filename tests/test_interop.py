@@ -4,7 +4,6 @@ float -> quantized construction (checked against the fixtures' precalib/ state).
 import argparse
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch

@@ -27,13 +27,13 @@ class CheckpointMismatchError(ValueError):
 
 
 def _quantized_modules(model: nnx.Module) -> list[str]:
+  """Paths of the layers that quantize anything (QKR attention is quantized by design)."""
   names = []
   for path, module in nnx.iter_modules(model):
     spec = getattr(module, "spec", None)
-    if isinstance(module, (QDense, PatchEmbed, QKRAttention)) and spec is not None and (
-        spec.quantize_weights or spec.quantize_acts):
-      names.append(dotted(path))
-    elif isinstance(module, QKRAttention):
+    quantizes = spec is not None and (spec.quantize_weights or spec.quantize_acts)
+    if isinstance(module, QKRAttention) or (
+        isinstance(module, (QDense, PatchEmbed)) and quantizes):
       names.append(dotted(path))
   return names
 
