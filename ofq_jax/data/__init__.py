@@ -37,10 +37,9 @@ def build(config: ml_collections.ConfigDict) -> DataSource:
     from ofq_jax.data.digits import DigitsSource  # pylint: disable=import-outside-toplevel
     return DigitsSource(image_size=config.image_size, augment=config.get("augment", "shift"))
   if config.name == "imagenet2012":
-    raise NotImplementedError(
-        "The imagenet2012 (tfds) input pipeline is not in this version yet; the recipe "
-        "configs (configs/deit_*.py) are final. Use data.name='digits' meanwhile.")
-  raise ValueError(f"Unknown dataset {config.name!r}; available: 'digits'.")
+    from ofq_jax.data.imagenet import ImageNetSource  # pylint: disable=import-outside-toplevel
+    return ImageNetSource(config)
+  raise ValueError(f"Unknown dataset {config.name!r}; available: 'digits', 'imagenet2012'.")
 
 
 def steps_per_epoch(source: DataSource, global_batch: int) -> int:

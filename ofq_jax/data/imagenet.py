@@ -1,0 +1,171 @@
+"""ImageNet-1k through tensorflow-datasets' ``imagenet2012`` builder and tf.data.
+
+The user points ``data.manual_dir`` at ``ILSVRC2012_img_train.tar`` /
+``ILSVRC2012_img_val.tar`` (prepared once into ``data.data_dir``), or ``data_dir`` at
+an already prepared copy. Each process reads its own share
+(``tfds.split_for_jax_process``). Training order and augmentation are seeded per
+(seed, example index), so ``train_batches(start_step=k)`` resumes exactly.
+
+Implemented here: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3, random
+bilinear / bicubic), horizontal flip, ImageNet normalisation; eval resize of the
+shorter side to ``eval_resize`` (bicubic) and a centre crop, padded and masked so
+each validation image counts once on any number of hosts. Not yet: RandAugment,
+random erasing, mixup / cutmix and repeated augmentation (the recipes that ask for
+them fail loudly, see ``_check_unsupported``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+
+
+from ofq_jax.data import Batch
+
+EXPECTED_FILES = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
+
+
+def _tf():
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  tf.config.set_visible_devices([], "GPU")  # tf.data only; keep accelerators for JAX
+  return tf
+
+
+def random_crop_window(tf, shape, seed, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+  """RandomResizedCrop's window ``(offset_y, offset_x, height, width)`` (10 tries,
+  then the whole image), drawn with a stateless seed."""
+  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+      shape, bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4]), seed=seed,
+      min_object_covered=0.0, aspect_ratio_range=ratio, area_range=scale, max_attempts=10,
+      use_image_if_no_bounding_boxes=True)
+  return begin[0], begin[1], size[0], size[1]
+
+
+class ImageNetSource:
+  """The ``imagenet2012`` data source; see the module docstring."""
+  num_classes = 1000
+
+  def __init__(self, config):
+    self.config = config
+    self._check_unsupported(config)
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    self.tfds = tfds
+    self.builder = tfds.builder("imagenet2012", data_dir=config.data_dir)
+    if not self._prepared():
+      manual_dir = config.manual_dir
+      missing = [f for f in EXPECTED_FILES
+                 if not manual_dir or not os.path.exists(os.path.join(manual_dir, f))]
+      if missing:
+        raise FileNotFoundError(
+            f"imagenet2012 is not prepared in data.data_dir={config.data_dir!r} and "
+            f"data.manual_dir={manual_dir!r} lacks {', '.join(missing)}: download "
+            f"{' and '.join(EXPECTED_FILES)} from image-net.org into one folder and pass it "
+            "as --config.data.manual_dir.")
+      self.builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    splits = self.builder.info.splits
+    self.train_size = splits["train"].num_examples
+    self.eval_size = splits["validation"].num_examples
+    size = config.image_size
+    self.image_shape = (size, size, 3)
+
+  def _prepared(self) -> bool:
+    try:
+      return bool(self.builder.info.splits) and "train" in self.builder.info.splits
+    except Exception:  # pylint: disable=broad-except
+      return False
+
+  @staticmethod
+  def _check_unsupported(config) -> None:
+    asked = {"randaugment": config.get("randaugment"), "random_erasing":
+             config.get("random_erasing", 0), "mixup": config.get("mixup", 0),
+             "cutmix": config.get("cutmix", 0), "repeated_aug": config.get("repeated_aug", 0)}
+    unsupported = [k for k, v in asked.items() if v]
+    if unsupported:
+      raise NotImplementedError(
+          f"data.{', data.'.join(unsupported)} are not implemented in the ImageNet pipeline "
+          "yet; set them to 0 / '' to train without them.")
+
+  def _normalize(self, tf, image):
+    mean = tf.constant(self.config.mean, tf.float32) * 255.0
+    std = tf.constant(self.config.std, tf.float32) * 255.0
+    return (tf.cast(image, tf.float32) - mean) / std
+
+  def train_batches(self, *, global_batch: int, start_step: int, seed: int,
+                    process_index: int = 0, process_count: int = 1) -> Iterator[Batch]:
+    tf = _tf()
+    cfg = self.config
+    local = global_batch // process_count
+    split = self.tfds.split_for_jax_process("train", process_index=process_index,
+                                            process_count=process_count, drop_remainder=True)
+    ds = self.builder.as_dataset(
+        split=split, shuffle_files=True, decoders={"image": self.tfds.decode.SkipDecoding()},
+        read_config=self.tfds.ReadConfig(shuffle_seed=seed))
+    ds = ds.repeat().shuffle(16 * local, seed=seed, reshuffle_each_iteration=True)
+    size = cfg.image_size
+
+    def preprocess(index, example):
+      key = tf.stack([tf.cast(seed, tf.int64), index])
+      keys = tf.random.experimental.stateless_split(key, 3)
+      shape = tf.image.extract_jpeg_shape(example["image"])
+      y, x, h, w = random_crop_window(tf, shape, keys[0], tuple(cfg.crop_scale),
+                                      tuple(cfg.crop_ratio))
+      crop = tf.image.decode_and_crop_jpeg(example["image"], tf.stack([y, x, h, w]),
+                                           channels=3)
+      bicubic = tf.random.stateless_uniform([], keys[1]) < 0.5
+      if cfg.interpolation != "random":
+        bicubic = tf.constant(cfg.interpolation == "bicubic")
+      crop = tf.cast(crop, tf.float32)
+      image = tf.cond(bicubic,
+                      lambda: tf.image.resize(crop, [size, size], "bicubic"),
+                      lambda: tf.image.resize(crop, [size, size], "bilinear"))
+      image = tf.clip_by_value(image, 0.0, 255.0)
+      flip = tf.random.stateless_uniform([], keys[2]) < cfg.hflip
+      image = tf.cond(flip, lambda: tf.image.flip_left_right(image), lambda: image)
+      return {"image": self._normalize(tf, image), "label": tf.cast(example["label"], tf.int32)}
+
+    ds = ds.enumerate().map(preprocess, num_parallel_calls=tf.data.AUTOTUNE,
+                            deterministic=True)
+    ds = ds.batch(local, drop_remainder=True).skip(start_step).prefetch(tf.data.AUTOTUNE)
+    for batch in ds.as_numpy_iterator():
+      yield batch
+
+  def eval_batches(self, *, global_batch: int, process_index: int = 0,
+                   process_count: int = 1) -> Iterator[Batch]:
+    tf = _tf()
+    cfg = self.config
+    local = global_batch // process_count
+    split = self.tfds.split_for_jax_process("validation", process_index=process_index,
+                                            process_count=process_count)
+    ds = self.builder.as_dataset(split=split, shuffle_files=False,
+                                 decoders={"image": self.tfds.decode.SkipDecoding()})
+    size, resize = cfg.image_size, cfg.eval_resize
+
+    def preprocess(example):
+      image = tf.image.decode_jpeg(example["image"], channels=3)
+      image = eval_resize_and_crop(tf, image, resize, size)
+      return {"image": self._normalize(tf, image), "label": tf.cast(example["label"], tf.int32),
+              "mask": tf.constant(1.0)}
+
+    # Every host runs the same number of batches; padding rows have mask 0.
+    per_host = math.ceil(self.eval_size / process_count)
+    batches = math.ceil(per_host / local)
+    pad = {"image": tf.zeros([size, size, 3]), "label": tf.constant(0, tf.int32),
+           "mask": tf.constant(0.0)}
+    ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat())
+    for batch in ds.batch(local).take(batches).as_numpy_iterator():
+      yield batch
+
+
+def eval_resize_and_crop(tf, image, resize: int, size: int):
+  """Resize the shorter side to ``resize`` (bicubic), then centre-crop ``size``."""
+  shape = tf.cast(tf.shape(image)[:2], tf.float32)
+  scale = resize / tf.reduce_min(shape)
+  new = tf.cast(tf.round(shape * scale), tf.int32)
+  image = tf.image.resize(tf.cast(image, tf.float32), new, "bicubic")
+  top = (new[0] - size) // 2
+  left = (new[1] - size) // 2
+  image = tf.clip_by_value(image[top:top + size, left:left + size], 0.0, 255.0)
+  return tf.ensure_shape(image, [size, size, 3])

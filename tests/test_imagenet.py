@@ -1,0 +1,129 @@
+"""The imagenet2012 pipeline on a tiny dataset these tests make themselves: generated
+JPEGs packed in the ``ILSVRC2012_img_train.tar`` / ``ILSVRC2012_img_val.tar`` layout and
+prepared by tfds's own builder from ``manual_dir``."""
+
+import io
+import tarfile
+
+import ml_collections
+import numpy as np
+import pytest
+
+from ofq_jax import train
+from ofq_jax.data import build
+from ofq_jax.data.imagenet import eval_resize_and_crop, random_crop_window
+
+SYNSETS = ("n01440764", "n01443537", "n01484850")
+PER_CLASS = 4
+VAL_IMAGES = 7
+
+
+def _jpeg(rng, height, width) -> bytes:
+  import tensorflow as tf
+  pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+  return tf.io.encode_jpeg(pixels).numpy()
+
+
+def _add(tar, name, data):
+  info = tarfile.TarInfo(name)
+  info.size = len(data)
+  tar.addfile(info, io.BytesIO(data))
+
+
+@pytest.fixture(scope="module")
+def imagenet_dirs(tmp_path_factory):
+  root = tmp_path_factory.mktemp("imagenet")
+  manual, data_dir = root / "manual", root / "tfds"
+  manual.mkdir()
+  rng = np.random.default_rng(0)
+  with tarfile.open(manual / "ILSVRC2012_img_train.tar", "w") as outer:
+    for synset in SYNSETS:
+      inner_bytes = io.BytesIO()
+      with tarfile.open(fileobj=inner_bytes, mode="w") as inner:
+        for i in range(PER_CLASS):
+          _add(inner, f"{synset}_{i}.JPEG", _jpeg(rng, 40 + 4 * i, 48))
+      _add(outer, f"{synset}.tar", inner_bytes.getvalue())
+  with tarfile.open(manual / "ILSVRC2012_img_val.tar", "w") as tar:
+    for i in range(1, VAL_IMAGES + 1):
+      _add(tar, f"ILSVRC2012_val_{i:08d}.JPEG", _jpeg(rng, 44, 52))
+  return str(manual), str(data_dir)
+
+
+def data_config(manual, data_dir, **overrides):
+  config = ml_collections.ConfigDict(dict(
+      name="imagenet2012", data_dir=data_dir, manual_dir=manual, image_size=32,
+      eval_resize=36, crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3),
+      interpolation="random", hflip=0.5, randaugment="", random_erasing=0.0, mixup=0.0,
+      cutmix=0.0, repeated_aug=0, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)))
+  config.update(overrides)
+  return config
+
+
+def test_prepared_sizes_and_train_batches(imagenet_dirs):
+  source = build(data_config(*imagenet_dirs))
+  assert (source.train_size, source.eval_size) == (len(SYNSETS) * PER_CLASS, VAL_IMAGES)
+  batches = source.train_batches(global_batch=4, start_step=0, seed=0)
+  first = [next(batches) for _ in range(3)]
+  assert first[0]["image"].shape == (4, 32, 32, 3) and first[0]["label"].dtype == np.int32
+  assert set(np.concatenate([b["label"] for b in first])) <= {0, 1, 2, 3, 4, 5}
+  # Resuming at step 2 yields what an uninterrupted run yields at step 2.
+  resumed = next(source.train_batches(global_batch=4, start_step=2, seed=0))
+  np.testing.assert_array_equal(resumed["image"], first[2]["image"])
+
+
+@pytest.mark.parametrize("hosts", [1, 2])
+def test_eval_counts_every_image_once(imagenet_dirs, hosts):
+  source = build(data_config(*imagenet_dirs))
+  total, shapes = 0.0, set()
+  for index in range(hosts):
+    for batch in source.eval_batches(global_batch=4, process_index=index, process_count=hosts):
+      total += batch["mask"].sum()
+      shapes.add(batch["image"].shape)
+  assert total == VAL_IMAGES
+  assert shapes == {(4 // hosts, 32, 32, 3)}
+
+
+def test_missing_files_are_named(tmp_path):
+  with pytest.raises(FileNotFoundError, match="ILSVRC2012_img_train.tar and "
+                     "ILSVRC2012_img_val.tar"):
+    build(data_config(str(tmp_path / "nothing"), str(tmp_path / "tfds")))
+
+
+def test_unimplemented_augmentations_fail_loudly(imagenet_dirs):
+  with pytest.raises(NotImplementedError, match="data.randaugment"):
+    build(data_config(*imagenet_dirs, randaugment="rand-m9-mstd0.5-inc1"))
+
+
+def test_random_resized_crop_scale_and_ratio():
+  """Defining property: area fraction in [0.08, 1] and aspect ratio in [3/4, 4/3]
+  (up to integer rounding of the window)."""
+  import tensorflow as tf
+  areas, ratios = [], []
+  for i in range(300):
+    _, _, h, w = random_crop_window(tf, tf.constant([300, 400, 3]), tf.constant([0, i]))
+    h, w = int(h), int(w)
+    areas.append(h * w / (300 * 400))
+    ratios.append(w / h)
+  assert min(areas) >= 0.08 - 0.01 and max(areas) <= 1.0
+  assert min(ratios) >= 0.75 - 0.02 and max(ratios) <= 4 / 3 + 0.02
+  assert max(areas) - min(areas) > 0.5  # the range is actually explored
+
+
+def test_eval_crop_geometry():
+  """Shorter side to 248 (bicubic), centre 224 x 224: a bright centre stays centred."""
+  import tensorflow as tf
+  image = np.zeros((300, 500, 3), np.uint8)
+  image[140:160, 240:260] = 255
+  out = eval_resize_and_crop(tf, tf.constant(image), 248, 224).numpy()
+  assert out.shape == (224, 224, 3)
+  ys, xs = np.nonzero(out[..., 0] > 128)
+  assert abs(ys.mean() - 111.5) < 2 and abs(xs.mean() - 111.5) < 2
+
+
+def test_three_training_steps_on_tiny_imagenet(imagenet_dirs, tmp_path):
+  from test_train import digits_config
+  config = digits_config(stages=("float",), batch_size=8, eval_batch_size=8)
+  config.data = data_config(*imagenet_dirs)
+  config.model.num_classes = 1000
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  assert 0.0 <= summary["float_top1"] <= 100.0
