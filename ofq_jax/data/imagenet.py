@@ -20,7 +20,6 @@ import math
 import os
 from collections.abc import Iterator
 
-
 from ofq_jax.data import Batch
 
 EXPECTED_FILES = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
