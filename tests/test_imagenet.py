@@ -2,58 +2,33 @@
 JPEGs packed in the ``ILSVRC2012_img_train.tar`` / ``ILSVRC2012_img_val.tar`` layout and
 prepared by tfds's own builder from ``manual_dir``."""
 
-import io
-import tarfile
-
 import ml_collections
 import numpy as np
 import pytest
 
 from ofq_jax import train
 from ofq_jax.data import build
-from ofq_jax.data.imagenet import eval_resize_and_crop, random_crop_window
+from ofq_jax.data.fake_imagenet import write_fake_imagenet
+from ofq_jax.data.imagenet import eval_resize_and_crop, random_crop_window, random_erasing
 
-SYNSETS = ("n01440764", "n01443537", "n01484850")
+CLASSES = 3
 PER_CLASS = 4
 VAL_IMAGES = 7
-
-
-def _jpeg(rng, height, width) -> bytes:
-  import tensorflow as tf
-  pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
-  return tf.io.encode_jpeg(pixels).numpy()
-
-
-def _add(tar, name, data):
-  info = tarfile.TarInfo(name)
-  info.size = len(data)
-  tar.addfile(info, io.BytesIO(data))
 
 
 @pytest.fixture(scope="module")
 def imagenet_dirs(tmp_path_factory):
   root = tmp_path_factory.mktemp("imagenet")
-  manual, data_dir = root / "manual", root / "tfds"
-  manual.mkdir()
-  rng = np.random.default_rng(0)
-  with tarfile.open(manual / "ILSVRC2012_img_train.tar", "w") as outer:
-    for synset in SYNSETS:
-      inner_bytes = io.BytesIO()
-      with tarfile.open(fileobj=inner_bytes, mode="w") as inner:
-        for i in range(PER_CLASS):
-          _add(inner, f"{synset}_{i}.JPEG", _jpeg(rng, 40 + 4 * i, 48))
-      _add(outer, f"{synset}.tar", inner_bytes.getvalue())
-  with tarfile.open(manual / "ILSVRC2012_img_val.tar", "w") as tar:
-    for i in range(1, VAL_IMAGES + 1):
-      _add(tar, f"ILSVRC2012_val_{i:08d}.JPEG", _jpeg(rng, 44, 52))
-  return str(manual), str(data_dir)
+  manual = write_fake_imagenet(str(root / "manual"), classes=CLASSES, per_class=PER_CLASS,
+                               val_images=VAL_IMAGES)
+  return manual, str(root / "tfds")
 
 
 def data_config(manual, data_dir, **overrides):
   config = ml_collections.ConfigDict(dict(
       name="imagenet2012", data_dir=data_dir, manual_dir=manual, image_size=32,
       eval_resize=36, crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3),
-      interpolation="random", hflip=0.5, randaugment="", random_erasing=0.0, mixup=0.0,
+      interpolation="random", hflip=0.5, randaugment="", random_erasing=0.25, mixup=0.0,
       cutmix=0.0, repeated_aug=0, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)))
   config.update(overrides)
   return config
@@ -61,7 +36,7 @@ def data_config(manual, data_dir, **overrides):
 
 def test_prepared_sizes_and_train_batches(imagenet_dirs):
   source = build(data_config(*imagenet_dirs))
-  assert (source.train_size, source.eval_size) == (len(SYNSETS) * PER_CLASS, VAL_IMAGES)
+  assert (source.train_size, source.eval_size) == (CLASSES * PER_CLASS, VAL_IMAGES)
   batches = source.train_batches(global_batch=4, start_step=0, seed=0)
   first = [next(batches) for _ in range(3)]
   assert first[0]["image"].shape == (4, 32, 32, 3) and first[0]["label"].dtype == np.int32
@@ -107,6 +82,21 @@ def test_random_resized_crop_scale_and_ratio():
   assert min(areas) >= 0.08 - 0.01 and max(areas) <= 1.0
   assert min(ratios) >= 0.75 - 0.02 and max(ratios) <= 4 / 3 + 0.02
   assert max(areas) - min(areas) > 0.5  # the range is actually explored
+
+
+def test_random_erasing_area_and_probability():
+  """Erased boxes cover 2 %-33 % of the image; about a quarter of images at p = 0.25."""
+  import tensorflow as tf
+  image = tf.fill([64, 64, 3], 100.0)
+  fractions = []
+  for i in range(200):
+    out = random_erasing(tf, image, tf.constant([1, i], tf.int64), 1.0)
+    fractions.append(float(tf.reduce_mean(tf.cast(out[..., 0] != 100.0, tf.float32))))
+  fractions = np.array(fractions)
+  assert np.all(fractions > 0) and fractions.min() >= 0.015 and fractions.max() <= 0.34
+  erased = [bool(tf.reduce_any(random_erasing(tf, image, tf.constant([2, i], tf.int64), 0.25)
+                               != 100.0)) for i in range(400)]
+  assert abs(np.mean(erased) - 0.25) < 0.06
 
 
 def test_eval_crop_geometry():

@@ -1,5 +1,6 @@
 """The training system on digits with a tiny DeiT, on 8 fake CPU devices."""
 
+import copy
 import json
 import os
 import pathlib
@@ -229,3 +230,33 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path):
   with pytest.raises(FloatingPointError, match="loss is (nan|inf).*last good checkpoint"):
     train.train_and_evaluate(config, str(tmp_path))
   assert list((tmp_path / "checkpoints" / "float").iterdir())
+
+
+def test_evaluate_every_checkpoint_kind(tmp_path, float_teacher):
+  """ofq_jax model dirs, a timm-layout file and an OFQ-reference file give the top-1
+  the training run measured."""
+  from ofq_jax.evaluate import evaluate_checkpoint
+  from ofq_jax.interop import export_ofq_torch, export_timm_deit
+  from ofq_jax.models import create_model
+  config = digits_config(stages=("qat",))
+  config.qat.teacher = float_teacher
+  summary = train.train_and_evaluate(config, str(tmp_path / "run"))
+  qat_dir = str(tmp_path / "run" / "models" / "qat")
+  result = evaluate_checkpoint(config, qat_dir)
+  assert result["kind"] == "ofq_jax quantized" and result["count"] == 360
+  assert result["top1"] == pytest.approx(summary["qat_top1"])
+  quantized = copy.deepcopy(config.model)
+  quantized.quant.enabled = True
+  model = train.load_model(qat_dir, create_model(quantized))
+  np.savez(tmp_path / "ofq.npz", **export_ofq_torch(model))
+  result = evaluate_checkpoint(config, str(tmp_path / "ofq.npz"))
+  assert result["kind"] == "OFQ reference"
+  assert result["top1"] == pytest.approx(summary["qat_top1"])
+  float_result = evaluate_checkpoint(config, float_teacher)
+  assert float_result["kind"] == "ofq_jax float"
+  float_model = train.load_model(float_teacher, create_model(
+      train.float_config(config.model)))
+  np.savez(tmp_path / "deit.npz", **export_timm_deit(float_model))
+  result = evaluate_checkpoint(config, str(tmp_path / "deit.npz"))
+  assert result["kind"] == "timm / FB DeiT"
+  assert result["top1"] == pytest.approx(float_result["top1"])

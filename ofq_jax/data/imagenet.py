@@ -7,11 +7,12 @@ an already prepared copy. Each process reads its own share
 (seed, example index), so ``train_batches(start_step=k)`` resumes exactly.
 
 Implemented here: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3, random
-bilinear / bicubic), horizontal flip, ImageNet normalisation; eval resize of the
+bilinear / bicubic), horizontal flip, ImageNet normalisation, random erasing (pixel
+mode, after normalisation as timm does); eval resize of the
 shorter side to ``eval_resize`` (bicubic) and a centre crop, padded and masked so
 each validation image counts once on any number of hosts. Not yet: RandAugment,
-random erasing, mixup / cutmix and repeated augmentation (the recipes that ask for
-them fail loudly, see ``_check_unsupported``).
+mixup / cutmix and repeated augmentation (the recipes that ask for them fail
+loudly, see ``_check_unsupported``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,31 @@ def random_crop_window(tf, shape, seed, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
       min_object_covered=0.0, aspect_ratio_range=ratio, area_range=scale, max_attempts=10,
       use_image_if_no_bounding_boxes=True)
   return begin[0], begin[1], size[0], size[1]
+
+
+def random_erasing(tf, image, seed, probability: float, area=(0.02, 1 / 3),
+                   log_ratio=(-1.2039728, 1.2039728)):
+  """timm's RandomErasing, mode 'pixel', one box: with ``probability``, a box of
+  ``area`` fraction and log aspect ratio in ``log_ratio`` (first of 10 tries that fits)
+  is filled with per-pixel N(0, 1) noise (the image is already normalised)."""
+  height, width = tf.shape(image)[0], tf.shape(image)[1]
+  keys = tf.random.experimental.stateless_split(seed, 6)
+  fh, fw = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
+  target = tf.random.stateless_uniform([10], keys[0], area[0], area[1]) * fh * fw
+  ratio = tf.exp(tf.random.stateless_uniform([10], keys[1], log_ratio[0], log_ratio[1]))
+  h = tf.cast(tf.round(tf.sqrt(target * ratio)), tf.int32)
+  w = tf.cast(tf.round(tf.sqrt(target / ratio)), tf.int32)
+  fits = (h < height) & (w < width)
+  first = tf.argmax(tf.cast(fits, tf.int32))
+  h, w = h[first], w[first]
+  top = tf.random.stateless_uniform([], keys[2], 0, tf.maximum(height - h, 1), tf.int32)
+  left = tf.random.stateless_uniform([], keys[3], 0, tf.maximum(width - w, 1), tf.int32)
+  rows = tf.range(height)[:, None]
+  cols = tf.range(width)[None, :]
+  box = (rows >= top) & (rows < top + h) & (cols >= left) & (cols < left + w)
+  apply = (tf.random.stateless_uniform([], keys[4]) < probability) & tf.reduce_any(fits)
+  noise = tf.random.stateless_normal(tf.shape(image), keys[5])
+  return tf.where(box[..., None] & apply, noise, image)
 
 
 class ImageNetSource:
@@ -77,8 +103,7 @@ class ImageNetSource:
 
   @staticmethod
   def _check_unsupported(config) -> None:
-    asked = {"randaugment": config.get("randaugment"), "random_erasing":
-             config.get("random_erasing", 0), "mixup": config.get("mixup", 0),
+    asked = {"randaugment": config.get("randaugment"), "mixup": config.get("mixup", 0),
              "cutmix": config.get("cutmix", 0), "repeated_aug": config.get("repeated_aug", 0)}
     unsupported = [k for k, v in asked.items() if v]
     if unsupported:
@@ -106,7 +131,7 @@ class ImageNetSource:
 
     def preprocess(index, example):
       key = tf.stack([tf.cast(seed, tf.int64), index])
-      keys = tf.random.experimental.stateless_split(key, 3)
+      keys = tf.random.experimental.stateless_split(key, 4)
       shape = tf.image.extract_jpeg_shape(example["image"])
       y, x, h, w = random_crop_window(tf, shape, keys[0], tuple(cfg.crop_scale),
                                       tuple(cfg.crop_ratio))
@@ -122,7 +147,10 @@ class ImageNetSource:
       image = tf.clip_by_value(image, 0.0, 255.0)
       flip = tf.random.stateless_uniform([], keys[2]) < cfg.hflip
       image = tf.cond(flip, lambda: tf.image.flip_left_right(image), lambda: image)
-      return {"image": self._normalize(tf, image), "label": tf.cast(example["label"], tf.int32)}
+      image = self._normalize(tf, image)
+      if cfg.get("random_erasing", 0):
+        image = random_erasing(tf, image, keys[3], cfg.random_erasing)
+      return {"image": image, "label": tf.cast(example["label"], tf.int32)}
 
     ds = ds.enumerate().map(preprocess, num_parallel_calls=tf.data.AUTOTUNE,
                             deterministic=True)

@@ -1,0 +1,99 @@
+"""Evaluate a checkpoint on the config's eval split (top-1, top-5, images/s).
+
+  python -m ofq_jax.evaluate --config=configs/deit_t_w2a2.py --checkpoint=PATH \\
+      --config.data.data_dir=$TFDS_DATA_DIR
+
+``PATH`` may be an ofq_jax model directory (``workdir/models/<stage>``), a timm / FB
+DeiT file (float) or a checkpoint of the OFQ reference (e.g. the released
+``.pth.tar``, quantized as ``config.model.quant`` says). Sharded like training: the
+batch is split over the ``config.mesh`` devices and hosts.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from typing import Any
+
+import jax
+from absl import app, flags, logging
+from flax import nnx
+from ml_collections import config_flags
+
+from ofq_jax import data as data_lib
+from ofq_jax import sharding
+from ofq_jax.interop import load_ofq_torch, load_timm_deit, read_state_dict
+from ofq_jax.interop.checkpoints import float_config
+from ofq_jax.models import create_model
+from ofq_jax.models.quantizers import QuantBuffer
+
+# Keys only the OFQ reference's quantized DeiT has.
+_REFERENCE_MARKERS = (".input_quant_fn.s", ".lsqw_fn.s", ".statsq_fn.clip_val",
+                      ".qk_quant.clip_val")
+
+
+def load_for_eval(path: str, model_config) -> tuple[nnx.Module, str]:
+  """The model in ``path`` and what kind of file it was."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"--checkpoint={path!r} does not exist.")
+  if os.path.isdir(path):
+    from ofq_jax.train import load_model  # pylint: disable=import-outside-toplevel
+    quantized = copy.deepcopy(model_config)
+    quantized.quant.enabled = True
+    errors = []
+    for kind, cfg in (("ofq_jax quantized", quantized), ("ofq_jax float",
+                                                         float_config(model_config))):
+      try:
+        return load_model(path, create_model(cfg)), kind
+      except Exception as error:  # pylint: disable=broad-except
+        errors.append(f"{kind}: {type(error).__name__}: {str(error)[:300]}")
+    raise ValueError(f"{path} is not an ofq_jax model directory for this config:\n" +
+                     "\n".join(errors))
+  state = read_state_dict(path)
+  if any(key.endswith(_REFERENCE_MARKERS) for key in state):
+    quantized = copy.deepcopy(model_config)
+    quantized.quant.enabled = True
+    return load_ofq_torch(state, quantized), "OFQ reference"
+  return load_timm_deit(state, model_config), "timm / FB DeiT"
+
+
+def evaluate_checkpoint(config, checkpoint: str) -> dict[str, Any]:
+  """Top-1 / top-5 (percent), image count and images/s of ``checkpoint``."""
+  from ofq_jax.train import evaluate  # pylint: disable=import-outside-toplevel
+  mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
+  sharding.check_batch(config.eval_batch_size, mesh, "eval_batch_size")
+  source = data_lib.build(config.data)
+  model, kind = load_for_eval(checkpoint, config.model)
+  graphdef, params, buffers = nnx.split(model, nnx.Param, QuantBuffer)
+  params = jax.device_put(params, jax.tree.map(lambda _: sharding.replicated(mesh), params))
+  buffers = jax.device_put(buffers,
+                           jax.tree.map(lambda _: sharding.replicated(mesh), buffers))
+  start = time.time()
+  result = evaluate(graphdef, params, buffers, source, mesh, config.eval_batch_size)
+  seconds = time.time() - start
+  result.update(images_per_sec=result["count"] / max(seconds, 1e-9), checkpoint=checkpoint,
+                kind=kind)
+  return result
+
+
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  if FLAGS.verbosity <= 0:
+    logging.set_verbosity(logging.WARNING)
+  result = evaluate_checkpoint(FLAGS.config, FLAGS.checkpoint)
+  if jax.process_index() == 0:
+    print(f"{result['kind']}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
+          f"({result['count']} images, {result['images_per_sec']:.1f} img/s)")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  config_flags.DEFINE_config_file("config", None, "Config (model, data, mesh).")
+  flags.DEFINE_string("checkpoint", None, "Model directory, timm/FB file or OFQ .pth.tar.")
+  flags.mark_flags_as_required(["config", "checkpoint"])
+  app.run(main)
