@@ -46,6 +46,16 @@ def test_prepared_sizes_and_train_batches(imagenet_dirs):
   np.testing.assert_array_equal(resumed["image"], first[2]["image"])
 
 
+def test_repeated_augmentation_multiplicity(imagenet_dirs):
+  """repeated_aug=3: every image comes three times in a row, each copy augmented anew."""
+  source = build(data_config(*imagenet_dirs, repeated_aug=3, hflip=0.0, random_erasing=0.0))
+  batch = next(source.train_batches(global_batch=12, start_step=0, seed=3))
+  labels = batch["label"].reshape(4, 3)
+  assert np.all(labels == labels[:, :1])
+  images = batch["image"].reshape(4, 3, -1)
+  assert not np.allclose(images[:, 0], images[:, 1])
+
+
 @pytest.mark.parametrize("hosts", [1, 2])
 def test_eval_counts_every_image_once(imagenet_dirs, hosts):
   source = build(data_config(*imagenet_dirs))
@@ -65,8 +75,8 @@ def test_missing_files_are_named(tmp_path):
 
 
 def test_unimplemented_augmentations_fail_loudly(imagenet_dirs):
-  with pytest.raises(NotImplementedError, match="data.randaugment"):
-    build(data_config(*imagenet_dirs, randaugment="rand-m9-mstd0.5-inc1"))
+  with pytest.raises(NotImplementedError, match="data.randaugment, data.mixup"):
+    build(data_config(*imagenet_dirs, randaugment="rand-m9-mstd0.5-inc1", mixup=0.8))
 
 
 def test_random_resized_crop_scale_and_ratio():

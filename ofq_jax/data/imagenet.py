@@ -8,11 +8,11 @@ an already prepared copy. Each process reads its own share
 
 Implemented here: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3, random
 bilinear / bicubic), horizontal flip, ImageNet normalisation, random erasing (pixel
-mode, after normalisation as timm does); eval resize of the
+mode, after normalisation as timm does), repeated augmentation; eval resize of the
 shorter side to ``eval_resize`` (bicubic) and a centre crop, padded and masked so
-each validation image counts once on any number of hosts. Not yet: RandAugment,
-mixup / cutmix and repeated augmentation (the recipes that ask for them fail
-loudly, see ``_check_unsupported``).
+each validation image counts once on any number of hosts. Not yet: RandAugment and
+mixup / cutmix (the recipes that ask for them fail loudly, see
+``_check_unsupported``).
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ class ImageNetSource:
   @staticmethod
   def _check_unsupported(config) -> None:
     asked = {"randaugment": config.get("randaugment"), "mixup": config.get("mixup", 0),
-             "cutmix": config.get("cutmix", 0), "repeated_aug": config.get("repeated_aug", 0)}
+             "cutmix": config.get("cutmix", 0)}
     unsupported = [k for k, v in asked.items() if v]
     if unsupported:
       raise NotImplementedError(
@@ -127,6 +127,11 @@ class ImageNetSource:
         split=split, shuffle_files=True, decoders={"image": self.tfds.decode.SkipDecoding()},
         read_config=self.tfds.ReadConfig(shuffle_seed=seed))
     ds = ds.repeat().shuffle(16 * local, seed=seed, reshuffle_each_iteration=True)
+    repeats = cfg.get("repeated_aug", 0)
+    if repeats and repeats > 1:
+      # timm's RepeatAugSampler: each image `repeats` times in a row (so within one global
+      # batch), each copy augmented independently; epochs keep their length.
+      ds = ds.flat_map(lambda ex: tf.data.Dataset.from_tensors(ex).repeat(repeats))
     size = cfg.image_size
 
     def preprocess(index, example):
