@@ -59,12 +59,13 @@ def imagenet_recipe(size: str, bits: int, arg: str = "") -> ml_collections.Confi
       interpolation="random", hflip=0.5, randaugment="rand-m9-mstd0.5-inc1",
       random_erasing=0.25, random_erasing_mode="pixel", mixup=row["mixup"],
       cutmix=row["cutmix"], mixup_switch_prob=0.5, mixup_prob=1.0,
+      label_smoothing=row["label_smoothing"],  # of the mixup / cutmix targets
       repeated_aug=row["repeated_aug"], mean=(0.485, 0.456, 0.406),
       std=(0.229, 0.224, 0.225)))
   config.batch_size = row["gpus"] * row["per_gpu_batch"]  # global
   config.eval_batch_size = 800
   config.num_train_steps = -1
-  config.label_smoothing = row["label_smoothing"]  # only with mixup / cutmix in the reference
+  config.label_smoothing = 0.0  # hard labels are not smoothed; mixup targets are (data.*)
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   config.fsdp_min_size = 2 ** 16
   config.optim = ml_collections.ConfigDict(dict(b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=0.0))

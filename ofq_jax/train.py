@@ -435,9 +435,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
     outputs = model(batch["image"], train=True)
     new_buffers = nnx.state(model, QuantBuffer)
     cls_logits, dist_logits = outputs if isinstance(outputs, tuple) else (outputs, outputs)
-    labels = batch["label"]
-    ce = lambda logits: losses.cross_entropy(logits, labels, num_classes=num_classes,
-                                             label_smoothing=label_smoothing)
+    targets = dict(num_classes=num_classes, label_smoothing=label_smoothing,
+                   soft_targets=batch.get("label_soft"))  # mixup / cutmix targets
+    ce = lambda logits: losses.classification_loss(logits, batch["label"], **targets)
     if teacher_state is None:
       return 0.5 * (ce(cls_logits) + ce(dist_logits)), new_buffers
     teacher = nnx.merge(teacher_graphdef, teacher_state)
@@ -446,8 +446,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
       t_logits = t_out[0] if teacher_logits == "cls" else (t_out[0] + t_out[1]) / 2
     else:
       t_logits = t_out
-    loss = losses.kd_loss(cls_logits, dist_logits, jax.lax.stop_gradient(t_logits), labels,
-                          num_classes=num_classes, label_smoothing=label_smoothing)
+    loss = losses.kd_loss(cls_logits, dist_logits, jax.lax.stop_gradient(t_logits),
+                          batch["label"], **targets)
     return loss, new_buffers
 
   def step_fn(state, batch, teacher_state=None):
@@ -465,7 +465,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
                  "step": state["step"] + 1}
     return new_state, metrics
 
-  batch_sh = {"image": sharding.batch_sharding(mesh), "label": sharding.batch_sharding(mesh)}
+  batch_sh = sharding.batch_sharding(mesh)  # every batch entry (a pytree prefix)
   if teacher_graphdef is None:
     return jax.jit(lambda s, b: step_fn(s, b), in_shardings=(state_shardings, batch_sh),
                    out_shardings=(state_shardings, None), donate_argnums=0)

@@ -9,7 +9,8 @@ import pytest
 from ofq_jax import train
 from ofq_jax.data import build
 from ofq_jax.data.fake_imagenet import write_fake_imagenet
-from ofq_jax.data.imagenet import eval_resize_and_crop, random_crop_window, random_erasing
+from ofq_jax.data.imagenet import (eval_resize_and_crop, mixup_cutmix, random_crop_window,
+                                   random_erasing)
 
 CLASSES = 3
 PER_CLASS = 4
@@ -56,6 +57,35 @@ def test_repeated_augmentation_multiplicity(imagenet_dirs):
   assert not np.allclose(images[:, 0], images[:, 1])
 
 
+@pytest.mark.parametrize("mixup,cutmix", [(0.8, 0.0), (0.0, 1.0), (0.8, 1.0)])
+def test_mixup_cutmix_label_mass_and_pixels(mixup, cutmix):
+  """Soft targets sum to 1 per example, put lam (+ smoothing) on the own class and
+  1 - lam on the reversed partner's; cutmix pastes partner pixels in a box whose area
+  matches 1 - lam; mixup blends pixels with the same lam."""
+  import tensorflow as tf
+  rng = np.random.default_rng(0)
+  images = tf.constant(rng.normal(size=(6, 16, 16, 3)), tf.float32)
+  labels = tf.constant([0, 1, 2, 3, 4, 5], tf.int32)
+  for i in range(20):
+    out = mixup_cutmix(tf, {"image": images, "label": labels}, tf.constant([i, 7], tf.int64),
+                       num_classes=10, mixup_alpha=mixup, cutmix_alpha=cutmix,
+                       label_smoothing=0.1)
+    soft = out["label_soft"].numpy()
+    np.testing.assert_allclose(soft.sum(-1), 1.0, rtol=1e-6)
+    off = 0.1 / 10
+    lam = (soft[0, 0] - off) / 0.9
+    np.testing.assert_allclose((soft[0, 5] - off) / 0.9, 1 - lam, atol=1e-5)
+    mixed, original = out["image"].numpy(), images.numpy()
+    partner = original[::-1]
+    is_mixup = np.allclose(mixed, original * lam + partner * (1 - lam), atol=1e-5)
+    if cutmix == 0.0:
+      assert is_mixup
+    if not is_mixup:  # cutmix: every pixel is its own or the partner's
+      from_partner = np.isclose(mixed, partner).all(-1) & ~np.isclose(mixed, original).all(-1)
+      assert np.all(np.isclose(mixed, original).all(-1) | from_partner)
+      assert from_partner[0].mean() == pytest.approx(1 - lam, abs=1e-5)
+
+
 @pytest.mark.parametrize("hosts", [1, 2])
 def test_eval_counts_every_image_once(imagenet_dirs, hosts):
   source = build(data_config(*imagenet_dirs))
@@ -75,8 +105,8 @@ def test_missing_files_are_named(tmp_path):
 
 
 def test_unimplemented_augmentations_fail_loudly(imagenet_dirs):
-  with pytest.raises(NotImplementedError, match="data.randaugment, data.mixup"):
-    build(data_config(*imagenet_dirs, randaugment="rand-m9-mstd0.5-inc1", mixup=0.8))
+  with pytest.raises(NotImplementedError, match="data.randaugment"):
+    build(data_config(*imagenet_dirs, randaugment="rand-m9-mstd0.5-inc1"))
 
 
 def test_random_resized_crop_scale_and_ratio():
@@ -123,7 +153,7 @@ def test_eval_crop_geometry():
 def test_three_training_steps_on_tiny_imagenet(imagenet_dirs, tmp_path):
   from test_train import digits_config
   config = digits_config(stages=("float",), batch_size=8, eval_batch_size=8)
-  config.data = data_config(*imagenet_dirs)
+  config.data = data_config(*imagenet_dirs, mixup=0.8, cutmix=1.0, repeated_aug=3)
   config.model.num_classes = 1000
   summary = train.train_and_evaluate(config, str(tmp_path))
   assert 0.0 <= summary["float_top1"] <= 100.0

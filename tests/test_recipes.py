@@ -52,7 +52,7 @@ def test_recipe_matches_spec_table(name):
   assert (qat.epochs, qat.cooldown_epochs, qat.min_lr, qat.warmup_lr) == (300, 10, 1e-5, 1e-6)
   assert (config.data.mixup, config.data.cutmix, config.data.repeated_aug) == (
       mixup, cutmix, repeats)
-  assert config.label_smoothing == smoothing
+  assert config.data.label_smoothing == smoothing and config.label_smoothing == 0.0
   assert config.data.randaugment == "rand-m9-mstd0.5-inc1"
   assert (config.data.random_erasing, config.data.eval_resize) == (0.25, 248)
   assert config.kd.teacher_logits == "cls"

@@ -8,11 +8,12 @@ an already prepared copy. Each process reads its own share
 
 Implemented here: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3, random
 bilinear / bicubic), horizontal flip, ImageNet normalisation, random erasing (pixel
-mode, after normalisation as timm does), repeated augmentation; eval resize of the
+mode, after normalisation as timm does), repeated augmentation, mixup / cutmix with
+smoothed soft targets (``label_soft``, per host-local batch where timm mixes per GPU
+batch); eval resize of the
 shorter side to ``eval_resize`` (bicubic) and a centre crop, padded and masked so
-each validation image counts once on any number of hosts. Not yet: RandAugment and
-mixup / cutmix (the recipes that ask for them fail loudly, see
-``_check_unsupported``).
+each validation image counts once on any number of hosts. Not yet: RandAugment (the
+recipes that ask for it fail loudly, see ``_check_unsupported``).
 """
 
 from __future__ import annotations
@@ -67,6 +68,57 @@ def random_erasing(tf, image, seed, probability: float, area=(0.02, 1 / 3),
   return tf.where(box[..., None] & apply, noise, image)
 
 
+def mixup_cutmix(tf, batch, seed, *, num_classes: int, mixup_alpha: float,
+                 cutmix_alpha: float, switch_prob: float = 0.5, prob: float = 1.0,
+                 label_smoothing: float = 0.1):
+  """timm's Mixup in 'batch' mode on one (host-local) batch.
+
+  With probability ``prob`` the batch is mixed with its reverse: cutmix (a box of area
+  ``1 - lam``, ``lam ~ Beta(cutmix_alpha)``, lam then corrected to the clipped box) with
+  probability ``switch_prob`` when both are on, else mixup (``lam ~ Beta(mixup_alpha)``).
+  Adds ``label_soft``: smoothed one-hots (off = smoothing / C, on = 1 - smoothing + off)
+  mixed with weight ``lam``; their mass is 1 per example.
+  """
+  keys = tf.random.experimental.stateless_split(seed, 5)
+  images = batch["image"]
+  height, width = tf.shape(images)[1], tf.shape(images)[2]
+
+  def beta(key, alpha):
+    k1, k2 = tf.unstack(tf.random.experimental.stateless_split(key, 2))
+    a = tf.random.stateless_gamma([], k1, alpha)
+    b = tf.random.stateless_gamma([], k2, alpha)
+    return a / (a + b)
+
+  use_cutmix = tf.constant(cutmix_alpha > 0)
+  if mixup_alpha > 0 and cutmix_alpha > 0:
+    use_cutmix = tf.random.stateless_uniform([], keys[0]) < switch_prob
+  apply = tf.random.stateless_uniform([], keys[1]) < prob
+  lam = tf.cond(use_cutmix, lambda: beta(keys[2], max(cutmix_alpha, 1e-6)),
+                lambda: beta(keys[2], max(mixup_alpha, 1e-6)))
+  flipped = tf.reverse(images, axis=[0])
+  # Cutmix box: side ratio sqrt(1 - lam), centre uniform, clipped to the image.
+  ratio = tf.sqrt(1.0 - lam)
+  cut_h = tf.cast(tf.cast(height, tf.float32) * ratio, tf.int32)
+  cut_w = tf.cast(tf.cast(width, tf.float32) * ratio, tf.int32)
+  cy = tf.random.stateless_uniform([], keys[3], 0, height, tf.int32)
+  cx = tf.random.stateless_uniform([], keys[4], 0, width, tf.int32)
+  y1, y2 = tf.clip_by_value(cy - cut_h // 2, 0, height), tf.clip_by_value(cy + cut_h // 2, 0, height)
+  x1, x2 = tf.clip_by_value(cx - cut_w // 2, 0, width), tf.clip_by_value(cx + cut_w // 2, 0, width)
+  rows, cols = tf.range(height)[:, None], tf.range(width)[None, :]
+  box = (rows >= y1) & (rows < y2) & (cols >= x1) & (cols < x2)
+  box_lam = 1.0 - tf.cast((y2 - y1) * (x2 - x1), tf.float32) / tf.cast(height * width,
+                                                                        tf.float32)
+  cut_images = tf.where(box[None, :, :, None], flipped, images)
+  mix_images = images * lam + flipped * (1.0 - lam)
+  lam = tf.where(apply, tf.where(use_cutmix, box_lam, lam), 1.0)
+  mixed = tf.where(apply, tf.where(use_cutmix, cut_images, mix_images), images)
+  off = label_smoothing / num_classes
+  on = 1.0 - label_smoothing + off
+  onehot = tf.one_hot(batch["label"], num_classes, on_value=on, off_value=off)
+  soft = onehot * lam + tf.reverse(onehot, axis=[0]) * (1.0 - lam)
+  return {**batch, "image": mixed, "label_soft": soft}
+
+
 class ImageNetSource:
   """The ``imagenet2012`` data source; see the module docstring."""
   num_classes = 1000
@@ -103,8 +155,7 @@ class ImageNetSource:
 
   @staticmethod
   def _check_unsupported(config) -> None:
-    asked = {"randaugment": config.get("randaugment"), "mixup": config.get("mixup", 0),
-             "cutmix": config.get("cutmix", 0)}
+    asked = {"randaugment": config.get("randaugment")}
     unsupported = [k for k, v in asked.items() if v]
     if unsupported:
       raise NotImplementedError(
@@ -159,7 +210,15 @@ class ImageNetSource:
 
     ds = ds.enumerate().map(preprocess, num_parallel_calls=tf.data.AUTOTUNE,
                             deterministic=True)
-    ds = ds.batch(local, drop_remainder=True).skip(start_step).prefetch(tf.data.AUTOTUNE)
+    ds = ds.batch(local, drop_remainder=True)
+    if cfg.get("mixup", 0) or cfg.get("cutmix", 0):
+      ds = ds.enumerate().map(
+          lambda index, batch: mixup_cutmix(
+              tf, batch, tf.stack([tf.cast(seed, tf.int64), -1 - index]),
+              num_classes=self.num_classes, mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix,
+              switch_prob=cfg.get("mixup_switch_prob", 0.5), prob=cfg.get("mixup_prob", 1.0),
+              label_smoothing=cfg.get("label_smoothing", 0.1)))
+    ds = ds.skip(start_step).prefetch(tf.data.AUTOTUNE)
     for batch in ds.as_numpy_iterator():
       yield batch
 
