@@ -6,14 +6,13 @@ an already prepared copy. Each process reads its own share
 (``tfds.split_for_jax_process``). Training order and augmentation are seeded per
 (seed, example index), so ``train_batches(start_step=k)`` resumes exactly.
 
-Implemented here: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3, random
-bilinear / bicubic), horizontal flip, ImageNet normalisation, random erasing (pixel
-mode, after normalisation as timm does), repeated augmentation, mixup / cutmix with
-smoothed soft targets (``label_soft``, per host-local batch where timm mixes per GPU
-batch); eval resize of the
-shorter side to ``eval_resize`` (bicubic) and a centre crop, padded and masked so
-each validation image counts once on any number of hosts. Not yet: RandAugment (the
-recipes that ask for it fail loudly, see ``_check_unsupported``).
+Training transform, in timm's order: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3,
+random bilinear / bicubic), horizontal flip, RandAugment (``randaugment.py``), ImageNet
+normalisation, random erasing (pixel mode, after normalisation as timm does); repeated
+augmentation; mixup / cutmix with smoothed soft targets (``label_soft``; mixed per
+host-local batch where timm mixes per GPU batch). Eval: the shorter side resized to
+``eval_resize`` (bicubic) and a centre crop, padded and masked so each validation image
+counts once on any number of hosts.
 """
 
 from __future__ import annotations
@@ -23,6 +22,7 @@ import os
 from collections.abc import Iterator
 
 from ofq_jax.data import Batch
+from ofq_jax.data import randaugment as randaugment_lib
 
 EXPECTED_FILES = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
 
@@ -125,7 +125,8 @@ class ImageNetSource:
 
   def __init__(self, config):
     self.config = config
-    self._check_unsupported(config)
+    if config.get("randaugment"):
+      randaugment_lib.parse(config.randaugment)  # fail early on a bad spec
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
     self.tfds = tfds
     self.builder = tfds.builder("imagenet2012", data_dir=config.data_dir)
@@ -153,15 +154,6 @@ class ImageNetSource:
     except Exception:  # pylint: disable=broad-except
       return False
 
-  @staticmethod
-  def _check_unsupported(config) -> None:
-    asked = {"randaugment": config.get("randaugment")}
-    unsupported = [k for k, v in asked.items() if v]
-    if unsupported:
-      raise NotImplementedError(
-          f"data.{', data.'.join(unsupported)} are not implemented in the ImageNet pipeline "
-          "yet; set them to 0 / '' to train without them.")
-
   def _normalize(self, tf, image):
     mean = tf.constant(self.config.mean, tf.float32) * 255.0
     std = tf.constant(self.config.std, tf.float32) * 255.0
@@ -187,7 +179,7 @@ class ImageNetSource:
 
     def preprocess(index, example):
       key = tf.stack([tf.cast(seed, tf.int64), index])
-      keys = tf.random.experimental.stateless_split(key, 4)
+      keys = tf.random.experimental.stateless_split(key, 5)
       shape = tf.image.extract_jpeg_shape(example["image"])
       y, x, h, w = random_crop_window(tf, shape, keys[0], tuple(cfg.crop_scale),
                                       tuple(cfg.crop_ratio))
@@ -203,6 +195,8 @@ class ImageNetSource:
       image = tf.clip_by_value(image, 0.0, 255.0)
       flip = tf.random.stateless_uniform([], keys[2]) < cfg.hflip
       image = tf.cond(flip, lambda: tf.image.flip_left_right(image), lambda: image)
+      if cfg.get("randaugment"):
+        image = randaugment_lib.randaugment(tf, image, keys[4], cfg.randaugment)
       image = self._normalize(tf, image)
       if cfg.get("random_erasing", 0):
         image = random_erasing(tf, image, keys[3], cfg.random_erasing)
