@@ -47,6 +47,17 @@ def test_prepared_sizes_and_train_batches(imagenet_dirs):
   np.testing.assert_array_equal(resumed["image"], first[2]["image"])
 
 
+def test_horizontal_flip(imagenet_dirs):
+  """hflip=1 mirrors exactly what hflip=0 yields for the same seed (same crops)."""
+  plain = dict(randaugment="", random_erasing=0.0)
+  kept = next(build(data_config(*imagenet_dirs, hflip=0.0, **plain)).train_batches(
+      global_batch=4, start_step=0, seed=5))
+  flipped = next(build(data_config(*imagenet_dirs, hflip=1.0, **plain)).train_batches(
+      global_batch=4, start_step=0, seed=5))
+  np.testing.assert_array_equal(flipped["label"], kept["label"])
+  np.testing.assert_allclose(flipped["image"], kept["image"][:, :, ::-1], atol=1e-6)
+
+
 def test_repeated_augmentation_multiplicity(imagenet_dirs):
   """repeated_aug=3: every image comes three times in a row, each copy augmented anew."""
   source = build(data_config(*imagenet_dirs, repeated_aug=3, hflip=0.0, random_erasing=0.0))
