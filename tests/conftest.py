@@ -73,6 +73,17 @@ def quantizer_fixture() -> dict[str, np.ndarray]:
     return {k: data[k] for k in data.files}
 
 
+def set_fields(config, values: dict):
+  """Assigns ``{"a.b.c": value}`` into a nested ConfigDict; returns it."""
+  for key, value in values.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config
+
+
 def max_rel_diff(actual, expected) -> float:
   """max |a - e| / max |e| (the issue's tolerance measure)."""
   actual, expected = np.asarray(actual), np.asarray(expected)

@@ -6,6 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from conftest import set_fields
 from ofq_jax import train
 from ofq_jax.data import build
 from ofq_jax.data.fake_imagenet import write_fake_imagenet
@@ -167,22 +168,12 @@ TINY_MODEL = {"model.embed_dim": 64, "model.depth": 2, "model.num_heads": 2,
               "log_every_steps": 1, "checkpoint_every_steps": 100, "tensorboard": False}
 
 
-def _override(config, values):
-  for key, value in values.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
-  return config
-
-
 @pytest.fixture(scope="module")
 def tiny_teacher(imagenet_dirs, tmp_path_factory):
   """A float tiny DeiT (1000 classes, 32 px) trained 3 steps on the tiny ImageNet."""
   from test_train import digits_config
   workdir = tmp_path_factory.mktemp("imagenet_teacher")
-  config = _override(digits_config(stages=("float",)), TINY_MODEL)
+  config = set_fields(digits_config(stages=("float",)), TINY_MODEL)
   config.data = data_config(*imagenet_dirs)
   config.model.num_classes = 1000
   summary = train.train_and_evaluate(config, str(workdir))
@@ -196,7 +187,7 @@ def test_every_recipe_runs_two_steps(name, imagenet_dirs, tiny_teacher, tmp_path
   """Each recipe as written (its augmentation, optimizer, KD, quantization) with a tiny
   model and the tiny dataset: 2 QAT steps, and for the first recipe 2 CGA steps after."""
   from test_recipes import load
-  config = _override(load(name).get_config(), {**TINY_MODEL, "num_train_steps": 2})
+  config = set_fields(load(name).get_config(), {**TINY_MODEL, "num_train_steps": 2})
   config.data.data_dir, config.data.manual_dir = imagenet_dirs[1], imagenet_dirs[0]
   config.qat.teacher = tiny_teacher
   with_cga = name == "deit_t_w2a2"

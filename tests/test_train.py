@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import set_fields
 from ofq_jax import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -27,14 +28,7 @@ def digits_config(arg: str = "", **overrides):
   spec = importlib.util.spec_from_file_location("digits_config", REPO / "configs" / "digits.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config(arg)
-  for key, value in {**TINY_OVERRIDES, **overrides}.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
-  return config
+  return set_fields(module.get_config(arg), {**TINY_OVERRIDES, **overrides})
 
 
 def read_metrics(workdir, stage=None):
