@@ -224,10 +224,10 @@ class _Stage:
       if self.scfg.init_from:
         return _load_float_model(self.scfg.init_from, self.workdir, self.float_cfg), None
       return create_model(self.float_cfg, nnx.Rngs(self.seed)), None
-    teacher_source = self.config.qat.teacher
-    teacher = _load_float_model(teacher_source, self.workdir, self.float_cfg)
-    student = quantize_from_float(teacher, self.quant_cfg, seed=self.seed)
-    return student, teacher
+    teacher = _load_float_model(self.config.qat.teacher, self.workdir, self.float_cfg)
+    if self.name == "cga":  # its state comes from the QAT checkpoint; only the structure
+      return create_model(self.quant_cfg, nnx.Rngs(self.seed)), teacher
+    return quantize_from_float(teacher, self.quant_cfg, seed=self.seed), teacher
 
   # ----------------------------------------------------------------- run
   def run(self) -> StageResult:
