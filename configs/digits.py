@@ -2,22 +2,27 @@ r"""The embedded default: OFQ on scikit-learn's digits, float -> W2A2 QAT -> CGA
 
   python -m ofq_jax.main --config=configs/digits.py --workdir=/tmp/ofq_digits
   python -m ofq_jax.main --config=configs/digits.py:bits=4 --workdir=/tmp/ofq_digits_w4
+  python -m ofq_jax.main --config=configs/digits.py:method=lsq,bits=2,seed=1 --workdir=/tmp/d
 
 No download: the data ship with scikit-learn (fixed stratified 80/20 split, seed 0).
-Prints a table (float, after QAT, after CGA top-1; frozen fraction) and writes
-``summary.json``. Argument string: ``bits`` (2|3|4, default 2), ``seed``.
-Any field can be overridden, e.g. ``--config.qat.epochs=10 --config.batch_size=128``.
+Prints a table (float, after QAT, after CGA top-1; frozen fraction; oscillating
+fraction) and writes ``summary.json``. Argument string: ``method`` (float | lsq |
+statsq | statsq_qkr | ofq, default ofq; see ``ofq_jax.methods``), ``bits`` (2|3|4,
+default 2), ``seed``. Any field can be overridden, e.g. ``--config.qat.epochs=10
+--config.batch_size=128``; ``python -m ofq_jax.plots --workdir=DIR`` redraws the plots.
 """
 
 import ml_collections
 
 from ofq_jax.config_args import parse_config_arg
 from ofq_jax.cga import DEFAULT_TARGETS
+from ofq_jax.methods import apply_method
 from ofq_jax.models.deit import model_config
+from ofq_jax.models.tracker import tracking_config
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  args = parse_config_arg(arg, ("bits", "seed"))
+  args = parse_config_arg(arg, ("method", "bits", "seed"))
   bits = int(args.get("bits", "2"))
   config = ml_collections.ConfigDict()
   config.seed = int(args.get("seed", "0"))
@@ -48,9 +53,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       epochs=5, boundary_range=0.005, targets=DEFAULT_TARGETS, resume=""))
 
   config.log_every_steps = 20
-  config.eval_every_steps = 0  # 0: evaluate at the end of each stage only
+  config.eval_every_steps = 110  # 5 epochs at batch 64 (0: at the end of each stage only)
   config.checkpoint_every_steps = 500
   config.keep_checkpoints = 2
   config.async_checkpointing = True
   config.tensorboard = True
-  return config
+  config.plots = True  # PNGs in workdir/plots at the end (python -m ofq_jax.plots redraws)
+  config.tracking = tracking_config(scales_every_steps=10)
+  return apply_method(config, args.get("method", "ofq"))

@@ -50,6 +50,22 @@ class MetricsWriter:
       self._tb.flush()
     return values
 
+  def write_vectors(self, step: int, vectors: dict[str, Any]) -> None:
+    """One record of whole vectors (e.g. per-channel scales) for plots: JSON lists in
+    ``metrics.jsonl`` and TensorBoard histograms."""
+    if not self.enabled:
+      return
+    values = {k: np.asarray(jax.device_get(v), np.float64).reshape(-1) for k, v in
+              vectors.items()}
+    record = {"step": int(step), "stage": self.stage,
+              **{k: [float(x) for x in v] for k, v in values.items()}}
+    with open(self.path, "a", encoding="utf-8") as f:
+      f.write(json.dumps(record) + "\n")
+    if self._tb is not None:
+      for key, value in values.items():
+        self._tb.add_histogram(key, value, int(step))
+      self._tb.flush()
+
   def close(self) -> None:
     if self._tb is not None:
       self._tb.close()
@@ -80,7 +96,8 @@ class Progress:
     parts = [f"[{self.stage}] step {step}/{self.total} ({100.0 * step / self.total:.1f}%)"]
     for key, fmt in (("train/loss", "loss {:.4f}"), ("train/lr", "lr {:.2e}"),
                      ("train/images_per_sec", "{:.1f} img/s"),
-                     ("train/frozen_fraction", "frozen {:.4f}")):
+                     ("train/frozen_fraction", "frozen {:.4f}"),
+                     ("osc/oscillating_fraction", "osc {:.4f}")):
       if key in values:
         parts.append(fmt.format(values[key]))
     parts.append(f"ETA {eta_text}")

@@ -13,6 +13,7 @@ import ml_collections
 from ofq_jax.cga import DEFAULT_TARGETS
 from ofq_jax.config_args import parse_config_arg
 from ofq_jax.models.deit import model_config
+from ofq_jax.models.tracker import tracking_config
 
 # Paper / README top-1 (ImageNet-1k val) after QAT + CGA (spec 6).
 PAPER_TOP1 = {("tiny", 2): 64.33, ("tiny", 3): 72.72, ("tiny", 4): 75.46,
@@ -86,4 +87,6 @@ def imagenet_recipe(size: str, bits: int, arg: str = "") -> ml_collections.Confi
   config.keep_checkpoints = 3
   config.async_checkpointing = True
   config.tensorboard = True
+  config.plots = True
+  config.tracking = tracking_config()
   return config

@@ -47,6 +47,7 @@ from ofq_jax.models import calibrate, create_model
 from ofq_jax.models.attention import QKRAttention
 from ofq_jax.models.layers import QDense
 from ofq_jax.models.quantizers import QuantBuffer
+from ofq_jax.models.tracker import OscillationTracker, create_tracker, weight_scales
 
 STAGES = ("float", "qat", "cga")
 FAULT_ENV = "OFQ_JAX_FAULT_AFTER_STEP"
@@ -61,6 +62,7 @@ class StageResult:
   top5: float
   steps: int
   frozen_fraction: float | None = None
+  oscillating_fraction: float | None = None
   preempted: bool = False
 
 
@@ -197,6 +199,7 @@ class _Stage:
                         else epochs * self.steps_per_epoch)
     self.seed = config.seed + STAGES.index(name)
     self.ckpt_dir = os.path.join(workdir, "checkpoints", name)
+    self._eval_step = None  # compiled once, reused by every eval of the stage
     self.model_dir = os.path.join(workdir, "models", name)
 
   # ----------------------------------------------------------------- optimizer
@@ -243,6 +246,8 @@ class _Stage:
   def _run(self, progress: Progress, checkpointer: Checkpointer) -> StageResult:
     config, mesh = self.config, self.mesh
     student, teacher = self.build()
+    tracker = (create_tracker(student, config.get("tracking"))
+               if self.name != "float" else None)
     graphdef, params, buffers = nnx.split(student, nnx.Param, QuantBuffer)
     schedule = self.schedule()
     inner = self.optimizer(params, schedule)
@@ -262,8 +267,14 @@ class _Stage:
     opt_sh = sharding.state_shardings(opt_shape, mesh, config.fsdp_min_size)
     state_sh = {"params": param_sh, "buffers": buffer_sh, "opt_state": opt_sh,
                 "step": sharding.replicated(mesh)}
-    abstract_state = _abstract({"params": params, "buffers": buffers, "opt_state": opt_shape,
-                                "step": jnp.int32(0)}, state_sh)
+    initial = {"params": params, "buffers": buffers, "opt_state": opt_shape,
+               "step": jnp.int32(0)}
+    tracker_graphdef = None
+    if tracker is not None:  # oscillation state, sharded like the weights it follows
+      tracker_graphdef, initial["tracker"] = nnx.split(tracker)
+      state_sh["tracker"] = sharding.state_shardings(initial["tracker"], mesh,
+                                                     config.fsdp_min_size)
+    abstract_state = _abstract(initial, state_sh)
 
     teacher_state = teacher_graphdef = teacher_sh = None
     if teacher is not None:
@@ -280,11 +291,17 @@ class _Stage:
         return StageResult(steps=start_step, **meta["eval"])
     else:
       start_step = 0
-      state = self._initial_state(student, params, buffers, tx, state_sh, abstract_state)
+      tracker_start = (_tracker_start_fn(graphdef, tracker_graphdef, initial["tracker"],
+                                         state_sh["tracker"]) if tracker is not None else None)
+      state = self._initial_state(student, params, buffers, tx, state_sh, abstract_state,
+                                  tracker_start)
     progress.start_step = start_step
 
     train_step = self._train_step_fn(graphdef, tx, schedule, teacher_graphdef, cga_bits,
-                                     state_sh, teacher_sh)
+                                     state_sh, teacher_sh, tracker_graphdef)
+    scales_every = config.tracking.scales_every_steps if tracker is not None else 0
+    scales_fn = jax.jit(lambda p, b: weight_scales(nnx.merge(graphdef, p, b)),
+                        out_shardings=sharding.replicated(mesh)) if scales_every else None
     writer = MetricsWriter(self.workdir, self.name,
                            tensorboard=config.get("tensorboard", True))
     batches = self.source.train_batches(
@@ -294,7 +311,7 @@ class _Stage:
     fault_step = int(fault[1]) if fault[0] == self.name else -1
     fault_signal = signal.SIGTERM if fault[2] == "term" else signal.SIGKILL
     last_log_time, last_log_step = time.time(), start_step
-    frozen = None
+    frozen = oscillating = None
     with _Preemption() as preemption:
       for step in range(start_step + 1, self.total_steps + 1):
         batch = sharding.global_batch(next(batches), mesh)
@@ -308,14 +325,18 @@ class _Stage:
           self._check_loss(float(metrics["train/loss"]), step, checkpointer)
         if log_now:
           now = time.time()
-          metrics = dict(metrics)
+          metrics = _named(metrics, tracker)
           metrics["train/images_per_sec"] = (
               (step - last_log_step) * config.batch_size / max(now - last_log_time, 1e-9))
           metrics["epoch"] = step / self.steps_per_epoch
           values = writer.write(step, metrics)
           progress.log(step, values)
           frozen = values.get("train/frozen_fraction", frozen)
+          oscillating = values.get("osc/oscillating_fraction", oscillating)
           last_log_time, last_log_step = time.time(), step
+        if scales_fn is not None and (step % scales_every == 0 or step == self.total_steps):
+          writer.write_vectors(step, {f"scales/{k}": v for k, v in
+                                      scales_fn(state["params"], state["buffers"]).items()})
         if (config.eval_every_steps > 0 and step % config.eval_every_steps == 0
             and step != self.total_steps):
           self._log_eval(writer, progress, step, graphdef, state)
@@ -323,7 +344,8 @@ class _Stage:
           os.kill(os.getpid(), signal.SIGTERM)
         if periodic or preemption.requested:
           checkpointer.save(step, state, {"step": step, "stage": self.name,
-                                          "data_position": step, "done": False})
+                                          "data_position": step, "done": False,
+                                          "tracked": tracker is not None})
         if step == fault_step and fault_signal == signal.SIGKILL:
           checkpointer.wait()
           os.kill(os.getpid(), signal.SIGKILL)
@@ -344,9 +366,12 @@ class _Stage:
     eval_meta = {"top1": result["top1"], "top5": result["top5"]}
     if frozen is not None:
       eval_meta["frozen_fraction"] = frozen
+    if oscillating is not None:
+      eval_meta["oscillating_fraction"] = oscillating
     checkpointer.save(self.total_steps, state, {"step": self.total_steps, "stage": self.name,
                                                 "data_position": self.total_steps,
-                                                "done": True, "eval": eval_meta})
+                                                "done": True, "eval": eval_meta,
+                                                "tracked": tracker is not None})
     checkpointer.wait()
     nnx.update(student, _host(state["params"]), _host(state["buffers"]))
     save_model(self.model_dir, student)
@@ -359,7 +384,8 @@ class _Stage:
           f"is kept in {self.ckpt_dir} (steps {checkpointer.steps()}). Lower the learning "
           "rate or enable optim.grad_clip_norm, then rerun to resume.")
 
-  def _initial_state(self, student, params, buffers, tx, state_sh, abstract_state):
+  def _initial_state(self, student, params, buffers, tx, state_sh, abstract_state,
+                     tracker_start):
     """Fresh state: calibrated student (QAT), or the resumed QAT state (CGA)."""
     config = self.config
     if self.name == "qat":
@@ -373,15 +399,19 @@ class _Stage:
       _, params, buffers = nnx.split(student, nnx.Param, QuantBuffer)
       params, buffers = _host(params), _host(buffers)
     if self.name == "cga":
-      return self._resume_qat_state(state_sh, abstract_state)
+      return self._resume_qat_state(state_sh, abstract_state, tracker_start)
     params = _place(params, state_sh["params"])
     buffers = _place(buffers, state_sh["buffers"])
     opt_state = jax.jit(tx.init, out_shardings=state_sh["opt_state"])(params)
-    return {"params": params, "buffers": buffers, "opt_state": opt_state,
-            "step": _place(np.int32(0), state_sh["step"])}
+    state = {"params": params, "buffers": buffers, "opt_state": opt_state,
+             "step": _place(np.int32(0), state_sh["step"])}
+    if tracker_start is not None:
+      state["tracker"] = tracker_start(params, buffers)
+    return state
 
-  def _resume_qat_state(self, state_sh, abstract_state):
-    """CGA starts from the QAT stage's last state, its AdamW moments included (spec 4.1)."""
+  def _resume_qat_state(self, state_sh, abstract_state, tracker_start):
+    """CGA starts from the QAT stage's last state, its AdamW moments included (spec 4.1),
+    and its oscillation history when both stages track (else tracking starts afresh)."""
     directory = self.scfg.resume or os.path.join(self.workdir, "checkpoints", "qat")
     qat = Checkpointer(directory, keep=self.config.keep_checkpoints, async_save=False, log=_log)
     try:
@@ -390,40 +420,73 @@ class _Stage:
                                 "or set --config.cga.resume=DIR (a checkpoints/qat folder).")
       inner_abstract = dict(abstract_state)
       inner_abstract["opt_state"] = abstract_state["opt_state"].inner
+      qat_tracked = qat.read_meta(qat.steps()[-1]).get("tracked", False)
+      if not qat_tracked:
+        inner_abstract.pop("tracker", None)
+      elif "tracker" not in inner_abstract:
+        raise ValueError(f"The QAT checkpoints in {directory} track oscillation but this CGA "
+                         "stage does not (config.tracking.enabled=False); keep tracking "
+                         "enabled for CGA, as in the QAT run.")
       step, state, _ = qat.restore(inner_abstract)
     finally:
       qat.close()
     _log(f"[cga] starting from QAT checkpoint {step} in {directory}")
     state["opt_state"] = cga_lib.CGAState(state["opt_state"])
     state["step"] = _place(np.int32(0), state_sh["step"])
+    if tracker_start is not None and "tracker" not in state:
+      _log("[cga] the QAT checkpoint has no oscillation history; tracking starts now")
+      state["tracker"] = tracker_start(state["params"], state["buffers"])
     return state
 
   def _train_step_fn(self, graphdef, tx, schedule, teacher_graphdef, cga_bits, state_sh,
-                     teacher_sh):
+                     teacher_sh, tracker_graphdef):
     return make_train_step(
         graphdef, tx, schedule, mesh=self.mesh, state_shardings=state_sh,
         teacher_graphdef=teacher_graphdef, teacher_shardings=teacher_sh,
+        tracker_graphdef=tracker_graphdef,
         num_classes=self.model_cfg.num_classes,
         label_smoothing=self.config.get("label_smoothing", 0.0),
         teacher_logits=self.config.kd.teacher_logits, cga_bits=cga_bits,
         boundary_range=self.scfg.get("boundary_range", 0.0))
 
   def _log_eval(self, writer, progress, step, graphdef, state) -> dict[str, float]:
+    if self._eval_step is None:
+      self._eval_step = make_eval_step(graphdef)
     result = evaluate(graphdef, state["params"], state["buffers"], self.source, self.mesh,
-                      self.config.eval_batch_size)
+                      self.config.eval_batch_size, eval_step=self._eval_step)
     writer.write(step, {"eval/top1": result["top1"], "eval/top5": result["top5"]})
     progress.message(f"step {step}: eval top-1 {result['top1']:.2f}% top-5 "
                      f"{result['top5']:.2f}% ({result['count']} images)")
     return result
 
 
+def _tracker_start_fn(graphdef, tracker_graphdef, template, out_sharding):
+  """``(params, buffers) -> tracker state`` starting at those parameters' levels."""
+  def start(params, buffers):
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), template)
+    tracker = nnx.merge(tracker_graphdef, zeros)
+    tracker.reset(nnx.merge(graphdef, params, buffers))
+    return nnx.state(tracker)
+  return jax.jit(start, out_shardings=out_sharding)
+
+
+def _named(metrics: dict[str, Any], tracker: OscillationTracker | None) -> dict[str, Any]:
+  """Step metrics with the tracker's stacked per-layer vectors named."""
+  metrics = dict(metrics)
+  stacked = {k: metrics.pop(k) for k in list(metrics) if k.startswith("tracking/")}
+  if tracker is not None and stacked:
+    metrics.update(tracker.named_metrics(jax.device_get(stacked)))
+  return metrics
+
+
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
                     mesh, state_shardings, teacher_graphdef=None, teacher_shardings=None,
-                    num_classes: int, label_smoothing: float = 0.0,
+                    tracker_graphdef=None, num_classes: int, label_smoothing: float = 0.0,
                     teacher_logits: str = "cls", cga_bits=None, boundary_range: float = 0.0):
   """The jitted train step ``(state, batch[, teacher_state]) -> (state, metrics)``.
 
-  ``state`` is ``{"params", "buffers", "opt_state", "step"}``. Without a teacher the
+  ``state`` is ``{"params", "buffers", "opt_state", "step"}`` (plus ``"tracker"``, the
+  oscillation tracker's state, with ``tracker_graphdef``). Without a teacher the
   loss is CE on both heads (float stage); with one it is the reference KD loss (soft
   CE of the dist head against the teacher's cls logits, hard CE of the cls head). The
   state is donated; shardings are explicit on every input and output.
@@ -463,19 +526,40 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
       metrics.update({f"cga/frozen/{k}": v for k, v in fractions.items()})
     new_state = {"params": params, "buffers": buffers, "opt_state": opt_state,
                  "step": state["step"] + 1}
+    if tracker_graphdef is not None:
+      new_state["tracker"], tracked_metrics = _track(
+          tracker_graphdef, nnx.merge(graphdef, params, buffers), state["tracker"],
+          new_state["step"])
+      metrics.update(tracked_metrics)
     return new_state, metrics
 
   batch_sh = sharding.batch_sharding(mesh)  # every batch entry (a pytree prefix)
+  metrics_sh = sharding.replicated(mesh)  # readable on every process
   if teacher_graphdef is None:
     return jax.jit(lambda s, b: step_fn(s, b), in_shardings=(state_shardings, batch_sh),
-                   out_shardings=(state_shardings, None), donate_argnums=0)
+                   out_shardings=(state_shardings, metrics_sh), donate_argnums=0)
   return jax.jit(step_fn, in_shardings=(state_shardings, batch_sh, teacher_shardings),
-                 out_shardings=(state_shardings, None), donate_argnums=0)
+                 out_shardings=(state_shardings, metrics_sh), donate_argnums=0)
 
 
-def evaluate(graphdef, params, buffers, source, mesh, global_batch: int) -> dict[str, float]:
-  """Top-1 / top-5 (percent) over the eval split; padding is masked out, so every image
-  counts exactly once whatever the number of hosts."""
+def _track(tracker_graphdef, model: nnx.Module, tracker_state, step: jax.Array):
+  """One oscillation-tracking update (every ``every_steps`` steps) and its metrics."""
+  def update(state):
+    tracker = nnx.merge(tracker_graphdef, state)
+    tracker.update(model)
+    return nnx.state(tracker)
+
+  every = nnx.merge(tracker_graphdef, tracker_state).every_steps
+  if every == 1:
+    tracker_state = update(tracker_state)
+  else:
+    tracker_state = jax.lax.cond(step % every == 0, update, lambda s: s, tracker_state)
+  return tracker_state, nnx.merge(tracker_graphdef, tracker_state).step_metrics(model)
+
+
+def make_eval_step(graphdef):
+  """The jitted ``(params, buffers, batch) -> (top-1 hits, top-5 hits, count)``; build it
+  once per model structure and pass it to ``evaluate`` so repeated evals reuse it."""
   @jax.jit
   def counts(params, buffers, batch):
     model = nnx.merge(graphdef, params, buffers)
@@ -485,7 +569,15 @@ def evaluate(graphdef, params, buffers, source, mesh, global_batch: int) -> dict
     hit5 = jnp.any(top5 == batch["label"][:, None], axis=-1).astype(jnp.float32)
     mask = batch["mask"]
     return jnp.sum(hit1 * mask), jnp.sum(hit5 * mask), jnp.sum(mask)
+  return counts
 
+
+def evaluate(graphdef, params, buffers, source, mesh, global_batch: int, *,
+             eval_step=None) -> dict[str, float]:
+  """Top-1 / top-5 (percent) over the eval split; padding is masked out, so every image
+  counts exactly once whatever the number of hosts. ``eval_step``: from
+  ``make_eval_step(graphdef)`` (built here when not given)."""
+  counts = eval_step or make_eval_step(graphdef)
   total1 = total5 = count = 0.0
   for local in source.eval_batches(global_batch=global_batch,
                                    process_index=jax.process_index(),
@@ -553,19 +645,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   summary: dict[str, Any] = {f"{k}_top1": v.top1 for k, v in results.items()}
   if "cga" in results:
     summary["frozen_fraction"] = results["cga"].frozen_fraction
+  for name, result in results.items():  # share of oscillating weights at the stage's end
+    if result.oscillating_fraction is not None:
+      summary[f"oscillating_fraction_{name}"] = result.oscillating_fraction
   summary["wall_seconds"] = time.time() - start
   summary["preempted"] = any(r.preempted for r in results.values())
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
       json.dump(summary, f, indent=2)
     _print_table(results, summary)
+    if config.get("plots", True):
+      _draw_plots(workdir)
   return summary
 
 
+def _draw_plots(workdir: str) -> None:
+  """PNGs in ``workdir/plots``; a plotting failure is reported, never fatal to the run."""
+  from ofq_jax import plots  # pylint: disable=import-outside-toplevel
+  try:
+    paths = plots.make_plots(workdir)
+  except Exception as error:  # pylint: disable=broad-except
+    print(f"Plots not drawn ({type(error).__name__}: {error}); rerun with python -m "
+          f"ofq_jax.plots --workdir={workdir}", flush=True)
+    return
+  if paths:
+    print(f"plots: {', '.join(paths)}", flush=True)
+
+
 def _print_table(results: dict[str, StageResult], summary: dict[str, Any]) -> None:
-  lines = ["", "stage   top-1 %   top-5 %   steps   frozen"]
+  lines = ["", "stage   top-1 %   top-5 %   steps   frozen   oscillating"]
   for name, r in results.items():
     frozen = "" if r.frozen_fraction is None else f"{r.frozen_fraction:.4f}"
-    lines.append(f"{name:<7} {r.top1:>7.2f}   {r.top5:>7.2f}   {r.steps:>5}   {frozen}")
+    osc = "" if r.oscillating_fraction is None else f"{r.oscillating_fraction:.4f}"
+    lines.append(f"{name:<7} {r.top1:>7.2f}   {r.top5:>7.2f}   {r.steps:>5}   {frozen:<6}   "
+                 f"{osc}")
   lines.append(f"wall time {summary['wall_seconds']:.1f} s")
   print("\n".join(lines), flush=True)

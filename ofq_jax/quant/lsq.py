@@ -66,8 +66,18 @@ def lsq_fake_quant(x: jax.Array, step: jax.Array, qn: jax.Array, qp: jax.Array,
   ``qn``, ``qp`` and ``grad_scale`` are arrays so that a range chosen at run
   time (the image quantizer's sticky sign) stays inside one compiled step.
   """
-  s = jnp.where(step > STEP_FLOOR, step, STEP_FLOOR)
-  return jnp.round(jnp.clip(x / s, qn, qp)) * s
+  return lsq_levels(x, step, qn, qp) * floored_step(step)
+
+
+def floored_step(step: jax.Array) -> jax.Array:
+  """The step value LSQ divides by: floored at ``STEP_FLOOR``."""
+  return jnp.where(step > STEP_FLOOR, step, STEP_FLOOR)
+
+
+def lsq_levels(x: jax.Array, step: jax.Array, qn: jax.Array | int, qp: jax.Array | int
+               ) -> jax.Array:
+  """Integer level ``round(clip(x / s, Qn, Qp))`` (``step`` broadcastable to ``x``)."""
+  return jnp.round(jnp.clip(x / floored_step(step), qn, qp))
 
 
 def _lsq_fwd(x, step, qn, qp, grad_scale):
@@ -76,7 +86,7 @@ def _lsq_fwd(x, step, qn, qp, grad_scale):
 
 def _lsq_bwd(res, g):
   x, step, qn, qp, grad_scale = res
-  s = jnp.where(step > STEP_FLOOR, step, STEP_FLOOR)
+  s = floored_step(step)
   v = x / s
   below, above = v < qn, v > qp
   inside = ~(below | above)  # torch.clamp passes the gradient at the bounds

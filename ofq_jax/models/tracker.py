@@ -1,0 +1,227 @@
+"""Oscillation tracking of a quantized DeiT's weights, for the train step (spec 4.5).
+
+``OscillationTracker(model)`` finds every quantized weight tensor of ``model``
+(StatsQ or LSQ kernels, QKR's value kernel, and QKR's quantized ``W_q^T W_k``
+product, which is what QKR actually rounds) and keeps, per tensor, the
+``ofq_jax.quant.oscillation`` state in typed ``OscillationVar`` variables. The
+tracker is a module of its own, beside the model, so the model's parameters,
+checkpoint layout and interop stay as they are; its state has the shapes of the
+weights it follows, so the fsdp rule shards it like them.
+
+Per-layer numbers come out of the jitted step as a few stacked vectors
+(``step_metrics``) and are named on the host (``named_metrics``), so the step does
+not grow hundreds of outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from ofq_jax.models.attention import QKRAttention
+from ofq_jax.models.layers import PatchEmbed, QDense
+from ofq_jax.quant.lsq import floored_step, lsq_levels, lsq_range
+from ofq_jax.quant.oscillation import OscillationState, init_oscillation, update_oscillation
+from ofq_jax.quant.shapes import keep_axes_shape
+from ofq_jax.quant.statsq import statsq_levels, statsq_scale
+
+
+def tracking_config(**overrides: Any) -> ml_collections.ConfigDict:
+  """``config.tracking`` of a training config (defaults: spec 4.5 / Nagel et al.)."""
+  config = ml_collections.ConfigDict(dict(
+      enabled=True,
+      every_steps=1,  # tracked step interval: levels are compared k steps apart
+      momentum=0.01,  # EMA momentum of oscillation events
+      threshold=0.005,  # a weight whose EMA exceeds this is oscillating
+      scales_every_steps=100,  # full per-channel scale vectors into metrics.jsonl (0: never)
+  ))
+  config.update(overrides)
+  return config
+
+
+class OscillationVar(nnx.Variable):
+  """Oscillation tracker state: not trained, checkpointed, sharded like its weight."""
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedWeight:
+  """A weight tensor the forward pass rounds, and how it is rounded."""
+  name: str  # metric name, e.g. 'blocks.0.mlp.fc1.kernel', 'blocks.0.attn.qk_product'
+  path: tuple[str | int, ...]  # path of the owning module
+  attr: str  # 'kernel', 'v_kernel' or 'qk_product'
+  method: str  # 'statsq' or 'lsq'
+  bits: int
+
+
+def quantized_weights(model: nnx.Module) -> tuple[QuantizedWeight, ...]:
+  """Every quantized weight tensor of ``model``, in module order."""
+  found = []
+  for path, module in nnx.iter_modules(model):
+    spec = getattr(module, "spec", None)
+    if spec is None or not spec.quantize_weights:
+      continue
+    path = tuple(path)
+    if isinstance(module, (QDense, PatchEmbed)):
+      attrs = ("kernel",)
+    elif isinstance(module, QKRAttention):
+      attrs = ("v_kernel", "qk_product")
+    else:
+      continue
+    for attr in attrs:
+      name = ".".join(str(p) for p in path + (attr,))
+      found.append(QuantizedWeight(name, path, attr, spec.weight_method, spec.weight_bits))
+  return tuple(found)
+
+
+def _tensor(module: nnx.Module, weight: QuantizedWeight) -> tuple[jax.Array, tuple[int, ...]]:
+  """The tensor that is rounded and its StatsQ reduce axes."""
+  if weight.attr == "qk_product":
+    return module.qk_product(), (2,)  # one scale per (head, row)
+  return getattr(module, weight.attr)[...], (0,)
+
+
+def _lsq_step(module: nnx.Module, x: jax.Array) -> jax.Array:
+  quant = module.weight_quant
+  return jnp.reshape(quant.step[...], keep_axes_shape(x.shape, quant.keep_axes))
+
+
+def weight_levels(module: nnx.Module, weight: QuantizedWeight) -> jax.Array:
+  """Integer level of every entry, as the forward pass rounds it."""
+  x, reduce_axes = _tensor(module, weight)
+  if weight.method == "statsq":
+    return statsq_levels(x, weight.bits, reduce_axes)
+  qn, qp = lsq_range(module.weight_quant.bits, True)
+  return lsq_levels(x, _lsq_step(module, x), qn, qp)
+
+
+def weight_scale(module: nnx.Module, weight: QuantizedWeight) -> jax.Array:
+  """Per-output-channel scale, flattened: StatsQ's ``2 mean|w|`` or LSQ's learned step."""
+  x, reduce_axes = _tensor(module, weight)
+  if weight.method == "statsq":
+    return jnp.reshape(statsq_scale(x, reduce_axes), (-1,))
+  return jnp.reshape(floored_step(_lsq_step(module, x)), (-1,))
+
+
+def _modules(model: nnx.Module) -> dict[tuple[str | int, ...], nnx.Module]:
+  return {tuple(path): module for path, module in nnx.iter_modules(model)}
+
+
+def weight_scales(model: nnx.Module) -> dict[str, jax.Array]:
+  """Name -> per-channel scale vector of every quantized weight (for plots)."""
+  modules = _modules(model)
+  return {w.name: weight_scale(modules[w.path], w) for w in quantized_weights(model)}
+
+
+class WeightTracker(nnx.Module):
+  """The tracker state of one weight tensor."""
+
+  def __init__(self, shape: tuple[int, ...]):
+    self.prev_level = OscillationVar(jnp.zeros(shape, jnp.int8))
+    self.prev_direction = OscillationVar(jnp.zeros(shape, jnp.int8))
+    self.ema = OscillationVar(jnp.zeros(shape, jnp.float32))
+    # Weights whose level changed at the last tracked step, per step of the interval.
+    self.flips = OscillationVar(jnp.zeros((), jnp.float32))
+
+  def state(self) -> OscillationState:
+    return OscillationState(self.prev_level[...], self.prev_direction[...], self.ema[...])
+
+  def set(self, state: OscillationState, flips: jax.Array) -> None:
+    self.prev_level[...] = state.prev_level
+    self.prev_direction[...] = state.prev_direction
+    self.ema[...] = state.ema
+    self.flips[...] = jnp.asarray(flips, jnp.float32)
+
+
+class OscillationTracker(nnx.Module):
+  """Flip / oscillation tracking of every quantized weight of a model.
+
+  Args:
+    model: the quantized DeiT (only its structure and shapes are read here).
+    momentum, threshold: the EMA momentum and the oscillating threshold.
+    every_steps: the tracked step interval ``k``; flips are divided by it.
+  """
+
+  def __init__(self, model: nnx.Module, *, momentum: float = 0.01, threshold: float = 0.005,
+               every_steps: int = 1):
+    if every_steps < 1:
+      raise ValueError(f"tracking.every_steps={every_steps} must be >= 1.")
+    if not 0.0 < momentum <= 1.0:
+      raise ValueError(f"tracking.momentum={momentum} must be in (0, 1].")
+    self.weights = quantized_weights(model)
+    self.momentum = float(momentum)
+    self.threshold = float(threshold)
+    self.every_steps = int(every_steps)
+    modules = _modules(model)
+    shapes = [jax.eval_shape(lambda w=w: weight_levels(modules[w.path], w)).shape
+              for w in self.weights]
+    self.trackers = nnx.List([WeightTracker(shape) for shape in shapes])
+
+  @property
+  def names(self) -> tuple[str, ...]:
+    return tuple(w.name for w in self.weights)
+
+  def reset(self, model: nnx.Module) -> None:
+    """Starts tracking at ``model``'s current levels, with no history."""
+    modules = _modules(model)
+    for weight, tracker in zip(self.weights, self.trackers):
+      tracker.set(init_oscillation(weight_levels(modules[weight.path], weight)), 0.0)
+
+  def update(self, model: nnx.Module) -> None:
+    """One tracked step against ``model``'s current levels."""
+    modules = _modules(model)
+    for weight, tracker in zip(self.weights, self.trackers):
+      levels = weight_levels(modules[weight.path], weight)
+      state, stats = update_oscillation(tracker.state(), levels, momentum=self.momentum,
+                                        threshold=self.threshold)
+      tracker.set(state, stats["flips"] / self.every_steps)
+
+  def step_metrics(self, model: nnx.Module) -> dict[str, jax.Array]:
+    """Per-layer numbers stacked in tensor order (named by ``named_metrics``)."""
+    modules = _modules(model)
+    scales = [weight_scale(modules[w.path], w) for w in self.weights]
+    return {
+        "tracking/oscillating": jnp.stack(
+            [jnp.sum(t.ema[...] > self.threshold) for t in self.trackers]).astype(jnp.float32),
+        "tracking/flips": jnp.stack([t.flips[...] for t in self.trackers]),
+        "tracking/scale": jnp.stack(
+            [jnp.stack([jnp.mean(s), jnp.min(s), jnp.max(s)]) for s in scales]),
+    }
+
+  def sizes(self) -> np.ndarray:
+    return np.array([int(np.prod(t.ema.shape)) for t in self.trackers], np.float64)
+
+  def named_metrics(self, stacked: dict[str, Any]) -> dict[str, float]:
+    """``step_metrics`` output (host values) -> named scalars, per layer and in total.
+
+    ``osc/oscillating_fraction[/<tensor>]``: share of weights whose EMA exceeds the
+    threshold; ``osc/flips[/<tensor>]``: weights that changed level per step (at the
+    last tracked step); ``scale/{mean,min,max}/<tensor>``: the per-channel scales.
+    """
+    sizes = self.sizes()
+    oscillating = np.asarray(stacked["tracking/oscillating"], np.float64)
+    flips = np.asarray(stacked["tracking/flips"], np.float64)
+    scale = np.asarray(stacked["tracking/scale"], np.float64)
+    out = {"osc/oscillating_fraction": float(oscillating.sum() / max(sizes.sum(), 1.0)),
+           "osc/flips": float(flips.sum())}
+    for i, name in enumerate(self.names):
+      out[f"osc/oscillating_fraction/{name}"] = float(oscillating[i] / sizes[i])
+      out[f"osc/flips/{name}"] = float(flips[i])
+      for j, stat in enumerate(("mean", "min", "max")):
+        out[f"scale/{stat}/{name}"] = float(scale[i, j])
+    return out
+
+
+def create_tracker(model: nnx.Module, config: ml_collections.ConfigDict | None
+                   ) -> OscillationTracker | None:
+  """The tracker ``config.tracking`` asks for, or None (disabled, or nothing quantized)."""
+  if config is None or not config.enabled:
+    return None
+  tracker = OscillationTracker(model, momentum=config.momentum, threshold=config.threshold,
+                               every_steps=config.every_steps)
+  return tracker if tracker.weights else None
