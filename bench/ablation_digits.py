@@ -220,8 +220,8 @@ def report(args, rows, results, wall: float, command: str) -> str:
       f"- date: {datetime.date.today().isoformat()}; machine: {platform.machine()} "
       f"{os.cpu_count()} CPU cores, {platform.system()}; commit {commit or '?'}"
       f"{' (uncommitted changes)' if dirty else ''}; wall time {wall / 60:.1f} min.",
-      f"- data: digits 8x8 images resized to 16 px, fixed stratified 80/20 split (1437 / 360 "
-      f"images); model: DeiT with embed 96, depth 4, 3 heads, patch 4 (configs/digits.py).",
+      "- data: digits 8x8 images resized to 16 px, fixed stratified 80/20 split (1437 / 360 "
+      "images); model: DeiT with embed 96, depth 4, 3 heads, patch 4 (configs/digits.py).",
       f"- schedule: float {args.float_epochs} epochs; QAT {args.qat_epochs} epochs (+ the "
       f"config's cooldown) with KD from the seed's float model; CGA {args.cga_epochs} epochs "
       f"(OFQ only); batch 64; seeds {args.seeds}"

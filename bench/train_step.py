@@ -2,11 +2,14 @@
 
   python bench/train_step.py --model tiny --bits 2 --batch 8
   python bench/train_step.py --model small --bits 2 --batch 8 --json
+  python bench/train_step.py --model tiny --bits 2 --batch 8 --tracking both
 
 Prints images/s, step time, achieved FLOP/s (XLA's cost analysis of the compiled
 step divided by the step time), compile time and peak RSS; ``--json`` prints one
 JSON line with ``images_per_sec``, ``step_seconds``, ``flops_per_sec``,
-``compile_seconds``, ``peak_rss_mb``.
+``compile_seconds``, ``peak_rss_mb``. ``--tracking on`` (default, as the train loop runs)
+includes the oscillation tracker's update every step; ``off`` leaves it out; ``both``
+times the two alternately in one process and prints the overhead.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from flax import nnx
 from ofq_jax import optim, sharding, train
 from ofq_jax.models import calibrate, create_model, model_config
 from ofq_jax.models.quantizers import QuantBuffer
+from ofq_jax.models.tracker import OscillationTracker
 
 
 def build(model: str, bits: int, batch: int, attention: str, seed: int = 0):
@@ -45,6 +49,8 @@ def main(argv=None) -> dict:
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--attention", choices=("qkr", "standard"), default="qkr")
+  parser.add_argument("--tracking", choices=("on", "off", "both"), default="on",
+                      help="oscillation tracking in the step (both: time each, alternately)")
   parser.add_argument("--json", action="store_true")
   args = parser.parse_args(argv)
 
@@ -62,42 +68,69 @@ def main(argv=None) -> dict:
   teacher_graphdef, teacher_state = nnx.split(teacher)
   teacher_sh = replicated(teacher_state)
   teacher_state = jax.device_put(teacher_state, teacher_sh)
-  step = train.make_train_step(graphdef, tx, schedule, mesh=mesh, state_shardings=state_sh,
-                               teacher_graphdef=teacher_graphdef,
-                               teacher_shardings=teacher_sh, num_classes=1000)
   batch = sharding.global_batch(host_batch, mesh)
-
-  start = time.perf_counter()
-  compiled = step.lower(state, batch, teacher_state).compile()
-  compile_seconds = time.perf_counter() - start
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
-
-  state, metrics = compiled(state, batch, teacher_state)  # warm-up
-  jax.block_until_ready(metrics)
-  times = []
-  for _ in range(args.steps):
+  variants = ("off", "on") if args.tracking == "both" else (args.tracking,)
+  runs = {}
+  for variant in variants:
+    tracker_graphdef, run_state, run_sh = None, dict(state), dict(state_sh)
+    if variant == "on":
+      tracker = OscillationTracker(student)
+      tracker_graphdef, tracker_state = nnx.split(tracker)
+      run_sh["tracker"] = replicated(tracker_state)
+      run_state["tracker"] = train.tracker_start_fn(
+          graphdef, tracker_graphdef, tracker_state, run_sh["tracker"])(params, buffers)
+    step = train.make_train_step(graphdef, tx, schedule, mesh=mesh, state_shardings=run_sh,
+                                 teacher_graphdef=teacher_graphdef,
+                                 teacher_shardings=teacher_sh, num_classes=1000,
+                                 tracker_graphdef=tracker_graphdef)
     start = time.perf_counter()
-    state, metrics = compiled(state, batch, teacher_state)
+    compiled = step.lower(run_state, batch, teacher_state).compile()
+    compile_seconds = time.perf_counter() - start
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+    # Not donated here: every variant reuses the same start state.
+    run_state = jax.tree.map(jnp.copy, run_state)
+    run_state, metrics = compiled(run_state, batch, teacher_state)  # warm-up
     jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - start)
-  step_seconds = float(np.median(times))
-  result = {
-      "model": args.model, "bits": args.bits, "batch": args.batch,
-      "attention": args.attention, "device": jax.devices()[0].device_kind,
-      "images_per_sec": args.batch / step_seconds, "step_seconds": step_seconds,
-      "flops_per_sec": flops / step_seconds, "compile_seconds": compile_seconds,
-      "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
-  }
+    runs[variant] = dict(compiled=compiled, state=run_state, flops=flops,
+                         compile_seconds=compile_seconds, times=[])
+  for _ in range(args.steps):  # alternate, so both see the same machine state
+    for variant in variants:
+      run = runs[variant]
+      start = time.perf_counter()
+      run["state"], metrics = run["compiled"](run["state"], batch, teacher_state)
+      jax.block_until_ready(metrics)
+      run["times"].append(time.perf_counter() - start)
+  results = []
+  for variant in variants:
+    run = runs[variant]
+    step_seconds = float(np.median(run["times"]))
+    results.append({
+        "model": args.model, "bits": args.bits, "batch": args.batch,
+        "attention": args.attention, "tracking": variant,
+        "device": jax.devices()[0].device_kind,
+        "images_per_sec": args.batch / step_seconds, "step_seconds": step_seconds,
+        "flops_per_sec": run["flops"] / step_seconds,
+        "compile_seconds": run["compile_seconds"],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+    })
+  result = results[-1]
+  if len(results) == 2:
+    result = dict(result, tracking_overhead=results[1]["step_seconds"] /
+                  results[0]["step_seconds"] - 1.0)
   if args.json:
     print(json.dumps(result))
   else:
-    print(f"{'model':<8}{'bits':>5}{'batch':>6}{'img/s':>9}{'step s':>9}{'GFLOP/s':>10}"
-          f"{'compile s':>11}{'peak RSS MB':>13}")
-    print(f"{args.model:<8}{args.bits:>5}{args.batch:>6}{result['images_per_sec']:>9.2f}"
-          f"{step_seconds:>9.3f}{result['flops_per_sec'] / 1e9:>10.1f}"
-          f"{compile_seconds:>11.1f}{result['peak_rss_mb']:>13.0f}")
+    print(f"{'model':<8}{'bits':>5}{'batch':>6}{'tracking':>9}{'img/s':>9}{'step s':>9}"
+          f"{'GFLOP/s':>10}{'compile s':>11}{'peak RSS MB':>13}")
+    for r in results:
+      print(f"{args.model:<8}{args.bits:>5}{args.batch:>6}{r['tracking']:>9}"
+            f"{r['images_per_sec']:>9.2f}{r['step_seconds']:>9.3f}"
+            f"{r['flops_per_sec'] / 1e9:>10.1f}{r['compile_seconds']:>11.1f}"
+            f"{r['peak_rss_mb']:>13.0f}")
+    if "tracking_overhead" in result:
+      print(f"tracking overhead: {100 * result['tracking_overhead']:+.1f} % step time")
   return result
 
 

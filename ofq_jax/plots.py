@@ -64,11 +64,11 @@ def _stage_marks(ax, offsets: dict[str, int]) -> None:
 
 
 def _figure(rows: int = 1, cols: int = 1, size=(7.0, 4.0)):
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  from matplotlib import pyplot as plt  # pylint: disable=import-outside-toplevel
-  fig, axes = plt.subplots(rows, cols, figsize=(size[0] * cols, size[1] * rows), squeeze=False)
-  return plt, fig, axes
+  """A pyplot-free Figure: drawing files never switches a notebook's backend."""
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+  fig = Figure(figsize=(size[0] * cols, size[1] * rows))
+  axes = fig.subplots(rows, cols, squeeze=False)
+  return fig, axes
 
 
 def plot_oscillation(records, path: str) -> bool:
@@ -78,9 +78,10 @@ def plot_oscillation(records, path: str) -> bool:
   if not names:
     return False
   offsets = _offsets(records)
-  plt, fig, axes = _figure(size=(9.0, 5.0))
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  fig, axes = _figure(size=(9.0, 5.0))
   ax = axes[0, 0]
-  cmap = plt.get_cmap("viridis")
+  cmap = matplotlib.colormaps["viridis"]
   for i, name in enumerate(names):
     ax.plot(*_series(records, prefix + name, offsets), lw=0.8,
             color=cmap(i / max(len(names) - 1, 1)), label=name if len(names) <= 16 else None)
@@ -92,7 +93,6 @@ def plot_oscillation(records, path: str) -> bool:
   ax.legend(fontsize=6, ncol=2)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  plt.close(fig)
   return True
 
 
@@ -105,7 +105,7 @@ def plot_scales(records, path: str, block: int = 0) -> bool:
   if not vectors:
     return False
   names = sorted(k for k in vectors[0] if k.startswith(prefix))
-  plt, fig, axes = _figure(1, len(names), size=(3.6, 3.4))
+  fig, axes = _figure(1, len(names), size=(3.6, 3.4))
   for ax, key in zip(axes[0], names):
     steps = [r["step"] for r in vectors if key in r]
     rows = [r[key] for r in vectors if key in r]
@@ -118,7 +118,6 @@ def plot_scales(records, path: str, block: int = 0) -> bool:
   fig.suptitle(f"Per-channel quantizer scales of block {block} during {stage.upper()}")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  plt.close(fig)
   return True
 
 
@@ -128,7 +127,7 @@ def plot_accuracy(records, path: str) -> bool:
   steps, top1 = _series(records, "eval/top1", offsets)
   if not steps:
     return False
-  plt, fig, axes = _figure(1, 2, size=(5.0, 3.6))
+  fig, axes = _figure(1, 2, size=(5.0, 3.6))
   axes[0, 0].plot(steps, top1, marker="o", ms=3)
   axes[0, 0].set(xlabel="step (stages end to end)", ylabel="eval top-1 %", title="Accuracy")
   axes[0, 1].plot(*_series(records, "train/loss", offsets), lw=0.8)
@@ -138,7 +137,6 @@ def plot_accuracy(records, path: str) -> bool:
     _stage_marks(ax, offsets)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  plt.close(fig)
   return True
 
 

@@ -47,7 +47,7 @@ from ofq_jax.models import calibrate, create_model
 from ofq_jax.models.attention import QKRAttention
 from ofq_jax.models.layers import QDense
 from ofq_jax.models.quantizers import QuantBuffer
-from ofq_jax.models.tracker import OscillationTracker, create_tracker, weight_scales
+from ofq_jax.models.tracker import create_tracker, weight_scales
 
 STAGES = ("float", "qat", "cga")
 FAULT_ENV = "OFQ_JAX_FAULT_AFTER_STEP"
@@ -291,7 +291,7 @@ class _Stage:
         return StageResult(steps=start_step, **meta["eval"])
     else:
       start_step = 0
-      tracker_start = (_tracker_start_fn(graphdef, tracker_graphdef, initial["tracker"],
+      tracker_start = (tracker_start_fn(graphdef, tracker_graphdef, initial["tracker"],
                                          state_sh["tracker"]) if tracker is not None else None)
       state = self._initial_state(student, params, buffers, tx, state_sh, abstract_state,
                                   tracker_start)
@@ -300,6 +300,8 @@ class _Stage:
     train_step = self._train_step_fn(graphdef, tx, schedule, teacher_graphdef, cga_bits,
                                      state_sh, teacher_sh, tracker_graphdef)
     scales_every = config.tracking.scales_every_steps if tracker is not None else 0
+    tracking_metrics = (make_tracking_metrics_fn(graphdef, tracker_graphdef, mesh)
+                        if tracker is not None else None)
     scales_fn = jax.jit(lambda p, b: weight_scales(nnx.merge(graphdef, p, b)),
                         out_shardings=sharding.replicated(mesh)) if scales_every else None
     writer = MetricsWriter(self.workdir, self.name,
@@ -325,7 +327,10 @@ class _Stage:
           self._check_loss(float(metrics["train/loss"]), step, checkpointer)
         if log_now:
           now = time.time()
-          metrics = _named(metrics, tracker)
+          metrics = dict(metrics)
+          if tracking_metrics is not None:
+            metrics.update(tracker.named_metrics(jax.device_get(tracking_metrics(
+                state["params"], state["buffers"], state["tracker"]))))
           metrics["train/images_per_sec"] = (
               (step - last_log_step) * config.batch_size / max(now - last_log_time, 1e-9))
           metrics["epoch"] = step / self.steps_per_epoch
@@ -460,7 +465,7 @@ class _Stage:
     return result
 
 
-def _tracker_start_fn(graphdef, tracker_graphdef, template, out_sharding):
+def tracker_start_fn(graphdef, tracker_graphdef, template, out_sharding):
   """``(params, buffers) -> tracker state`` starting at those parameters' levels."""
   def start(params, buffers):
     zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), template)
@@ -468,15 +473,6 @@ def _tracker_start_fn(graphdef, tracker_graphdef, template, out_sharding):
     tracker.reset(nnx.merge(graphdef, params, buffers))
     return nnx.state(tracker)
   return jax.jit(start, out_shardings=out_sharding)
-
-
-def _named(metrics: dict[str, Any], tracker: OscillationTracker | None) -> dict[str, Any]:
-  """Step metrics with the tracker's stacked per-layer vectors named."""
-  metrics = dict(metrics)
-  stacked = {k: metrics.pop(k) for k in list(metrics) if k.startswith("tracking/")}
-  if tracker is not None and stacked:
-    metrics.update(tracker.named_metrics(jax.device_get(stacked)))
-  return metrics
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
@@ -527,10 +523,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
     new_state = {"params": params, "buffers": buffers, "opt_state": opt_state,
                  "step": state["step"] + 1}
     if tracker_graphdef is not None:
-      new_state["tracker"], tracked_metrics = _track(
-          tracker_graphdef, nnx.merge(graphdef, params, buffers), state["tracker"],
-          new_state["step"])
-      metrics.update(tracked_metrics)
+      new_state["tracker"] = _track(tracker_graphdef, nnx.merge(graphdef, params, buffers),
+                                    state["tracker"], new_state["step"])
     return new_state, metrics
 
   batch_sh = sharding.batch_sharding(mesh)  # every batch entry (a pytree prefix)
@@ -543,7 +537,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.
 
 
 def _track(tracker_graphdef, model: nnx.Module, tracker_state, step: jax.Array):
-  """One oscillation-tracking update (every ``every_steps`` steps) and its metrics."""
+  """One oscillation-tracking update (every ``every_steps`` steps)."""
   def update(state):
     tracker = nnx.merge(tracker_graphdef, state)
     tracker.update(model)
@@ -554,7 +548,17 @@ def _track(tracker_graphdef, model: nnx.Module, tracker_state, step: jax.Array):
     tracker_state = update(tracker_state)
   else:
     tracker_state = jax.lax.cond(step % every == 0, update, lambda s: s, tracker_state)
-  return tracker_state, nnx.merge(tracker_graphdef, tracker_state).step_metrics(model)
+  return tracker_state
+
+
+def make_tracking_metrics_fn(graphdef, tracker_graphdef, mesh):
+  """Jitted ``(params, buffers, tracker_state) -> stacked per-tensor numbers`` (see
+  ``OscillationTracker.step_metrics``); run at log steps only, so the train step itself
+  carries nothing but the tracker update."""
+  def metrics(params, buffers, tracker_state):
+    tracker = nnx.merge(tracker_graphdef, tracker_state)
+    return tracker.step_metrics(nnx.merge(graphdef, params, buffers))
+  return jax.jit(metrics, out_shardings=sharding.replicated(mesh))
 
 
 def make_eval_step(graphdef):

@@ -19,7 +19,7 @@ TINY_OVERRIDES = {
     "model.embed_dim": 64, "model.depth": 2, "model.num_heads": 2, "model.patch_size": 8,
     "model.img_size": 32, "data.image_size": 32, "batch_size": 16, "eval_batch_size": 120,
     "num_train_steps": 3, "log_every_steps": 1, "checkpoint_every_steps": 1,
-    "tensorboard": False,
+    "tensorboard": False, "plots": False,
 }
 
 
@@ -50,8 +50,15 @@ def float_teacher(tmp_path_factory) -> str:
 
 
 def test_all_stages_three_steps(tmp_path):
-  config = digits_config(tensorboard=True)
+  config = digits_config(tensorboard=True, plots=True)
   summary = train.train_and_evaluate(config, str(tmp_path))
+  for name in ("oscillation.png", "scales_block0.png", "accuracy.png"):
+    assert (tmp_path / "plots" / name).stat().st_size > 10_000, name
+  # The plots command redraws from metrics.jsonl alone, e.g. for another block.
+  redraw = subprocess.run([sys.executable, "-m", "ofq_jax.plots", f"--workdir={tmp_path}",
+                           "--block=1"], capture_output=True, text=True, cwd=REPO, check=False)
+  assert redraw.returncode == 0, redraw.stderr[-2000:]
+  assert (tmp_path / "plots" / "scales_block1.png").exists()
   for key in ("float_top1", "qat_top1", "cga_top1", "frozen_fraction", "wall_seconds"):
     assert key in summary
   assert 0.0 < summary["frozen_fraction"] <= 1.0

@@ -8,9 +8,9 @@ tracker is a module of its own, beside the model, so the model's parameters,
 checkpoint layout and interop stay as they are; its state has the shapes of the
 weights it follows, so the fsdp rule shards it like them.
 
-Per-layer numbers come out of the jitted step as a few stacked vectors
-(``step_metrics``) and are named on the host (``named_metrics``), so the step does
-not grow hundreds of outputs.
+Per-layer numbers are computed at log steps only, as a few stacked vectors
+(``step_metrics``), and named on the host (``named_metrics``); the train step itself
+carries just the update.
 """
 
 from __future__ import annotations
