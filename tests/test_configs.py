@@ -31,3 +31,26 @@ def test_deit_model_arguments():
     module.get_config("depth=3")
   with pytest.raises(ValueError, match="not key=value"):
     module.get_config("small")
+
+
+@pytest.mark.parametrize("method,stages,weights,attention", [
+    ("float", ("float",), "statsq", "qkr"),
+    ("lsq", ("float", "qat"), "lsq", "standard"),
+    ("statsq", ("float", "qat"), "statsq", "standard"),
+    ("statsq_qkr", ("float", "qat"), "statsq", "qkr"),
+    ("ofq", ("float", "qat", "cga"), "statsq", "qkr"),
+])
+def test_digits_method_argument(method, stages, weights, attention):
+  module = load(CONFIGS[[p.stem for p in CONFIGS].index("digits")])
+  config = module.get_config(f"method={method},bits=3,seed=2")
+  assert tuple(config.stages) == stages and config.method == method and config.seed == 2
+  quant = config.model.quant
+  assert (quant.weight_method, quant.attention, quant.weight_bits, quant.act_bits) == (
+      weights, attention, 3, 3)
+  assert config.tracking.enabled
+
+
+def test_digits_rejects_an_unknown_method():
+  module = load(CONFIGS[[p.stem for p in CONFIGS].index("digits")])
+  with pytest.raises(ValueError, match="method='adaround' is not one of"):
+    module.get_config("method=adaround")

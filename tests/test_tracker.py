@@ -90,6 +90,10 @@ def test_tracker_counts_an_up_down_up_weight_in_its_own_tensor():
   assert history[0]["osc/oscillating_fraction/head.kernel"] == 0.0
   assert history[-1]["osc/oscillating_fraction/head.kernel"] == pytest.approx(1 / size)
   assert history[-1]["scale/mean/head.kernel"] == pytest.approx(step)
+  sizes = dict(zip(tracker.names, tracker.sizes()))
+  eight_bit = sizes["head.kernel"] + sizes["head_dist.kernel"] + sizes["patch_embed.kernel"]
+  assert history[-1]["osc/oscillating_fraction_w8"] == pytest.approx(1 / eight_bit)
+  assert history[-1]["osc/oscillating_fraction_w2"] == 0.0
 
 
 def test_tracker_state_shards_like_its_weight():

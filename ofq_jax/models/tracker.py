@@ -200,7 +200,7 @@ class OscillationTracker(nnx.Module):
     """``step_metrics`` output (host values) -> named scalars, per layer and in total.
 
     ``osc/oscillating_fraction[/<tensor>]``: share of weights whose EMA exceeds the
-    threshold; ``osc/flips[/<tensor>]``: weights that changed level per step (at the
+    threshold (``osc/oscillating_fraction_w<b>``: over the b-bit tensors only); ``osc/flips[/<tensor>]``: weights that changed level per step (at the
     last tracked step); ``scale/{mean,min,max}/<tensor>``: the per-channel scales.
     """
     sizes = self.sizes()
@@ -209,6 +209,11 @@ class OscillationTracker(nnx.Module):
     scale = np.asarray(stacked["tracking/scale"], np.float64)
     out = {"osc/oscillating_fraction": float(oscillating.sum() / max(sizes.sum(), 1.0)),
            "osc/flips": float(flips.sum())}
+    bits = np.array([w.bits for w in self.weights])
+    for b in sorted(set(bits.tolist())):  # e.g. the 2-bit blocks apart from 8-bit heads
+      chosen = bits == b
+      out[f"osc/oscillating_fraction_w{b}"] = float(oscillating[chosen].sum() /
+                                                    sizes[chosen].sum())
     for i, name in enumerate(self.names):
       out[f"osc/oscillating_fraction/{name}"] = float(oscillating[i] / sizes[i])
       out[f"osc/flips/{name}"] = float(flips[i])
