@@ -132,10 +132,13 @@ class WeightTracker(nnx.Module):
     return OscillationState(self.prev_level[...], self.prev_direction[...], self.ema[...])
 
   def set(self, state: OscillationState, flips: jax.Array) -> None:
-    self.prev_level[...] = state.prev_level
-    self.prev_direction[...] = state.prev_direction
-    self.ema[...] = state.ema
-    self.flips[...] = jnp.asarray(flips, jnp.float32)
+    # Whole-value set_value, not ``var[...] = x``: the indexed form compares shardings,
+    # which under jit walks the traced program once per write (minutes for DeiT-T's
+    # 250 writes at the end of a train step).
+    self.prev_level.set_value(state.prev_level)
+    self.prev_direction.set_value(state.prev_direction)
+    self.ema.set_value(state.ema)
+    self.flips.set_value(jnp.asarray(flips, jnp.float32))
 
 
 class OscillationTracker(nnx.Module):
