@@ -74,7 +74,7 @@ def main(argv=None) -> dict:
   for variant in variants:
     tracker_graphdef, run_state, run_sh = None, dict(state), dict(state_sh)
     if variant == "on":
-      tracker = OscillationTracker(student)
+      tracker = nnx.eval_shape(lambda: OscillationTracker(student))  # shapes only
       tracker_graphdef, tracker_state = nnx.split(tracker)
       run_sh["tracker"] = replicated(tracker_state)
       run_state["tracker"] = train.tracker_start_fn(
@@ -89,8 +89,8 @@ def main(argv=None) -> dict:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
-    # Not donated here: every variant reuses the same start state.
-    run_state = jax.tree.map(jnp.copy, run_state)
+    if len(variants) > 1:  # each variant donates its own copy of the start state
+      run_state = jax.tree.map(jnp.copy, run_state)
     run_state, metrics = compiled(run_state, batch, teacher_state)  # warm-up
     jax.block_until_ready(metrics)
     runs[variant] = dict(compiled=compiled, state=run_state, flops=flops,

@@ -227,9 +227,14 @@ class OscillationTracker(nnx.Module):
 
 def create_tracker(model: nnx.Module, config: ml_collections.ConfigDict | None
                    ) -> OscillationTracker | None:
-  """The tracker ``config.tracking`` asks for, or None (disabled, or nothing quantized)."""
+  """The tracker ``config.tracking`` asks for, or None (disabled, or nothing quantized).
+
+  Its variables hold shapes only (``nnx.eval_shape``): the real state is made by
+  ``reset`` inside a jitted function, so no zero-filled copy stays alive beside it.
+  """
   if config is None or not config.enabled:
     return None
-  tracker = OscillationTracker(model, momentum=config.momentum, threshold=config.threshold,
-                               every_steps=config.every_steps)
+  tracker = nnx.eval_shape(lambda: OscillationTracker(
+      model, momentum=config.momentum, threshold=config.threshold,
+      every_steps=config.every_steps))
   return tracker if tracker.weights else None
