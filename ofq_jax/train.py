@@ -593,8 +593,13 @@ def evaluate(graphdef, params, buffers, source, mesh, global_batch: int, *,
 
 
 def _check_inputs_exist(config, workdir: str) -> None:
-  """Missing teacher / resume inputs fail before anything is written."""
+  """Missing teacher / init / resume inputs fail before anything is written."""
   stages = tuple(config.stages)
+  init_from = config.float.get("init_from", "")
+  if "float" in stages and init_from and not os.path.exists(init_from):
+    raise FileNotFoundError(f"config.float.init_from={init_from!r} does not exist; point it "
+                            "at a timm / FB DeiT checkpoint or an ofq_jax model directory, or "
+                            "leave it empty to train the float model from scratch.")
   if "qat" in stages or "cga" in stages:
     teacher = config.qat.teacher
     if teacher and not os.path.exists(teacher):

@@ -239,6 +239,11 @@ def test_missing_teacher_file(tmp_path):
   with pytest.raises(FileNotFoundError, match="add 'float' to config.stages"):
     train.train_and_evaluate(digits_config(stages=("qat",)), str(tmp_path / "wd"))
   assert not (tmp_path / "wd").exists()
+  config = digits_config(stages=("float",))
+  config.float.init_from = str(tmp_path / "deit_small.npz")
+  with pytest.raises(FileNotFoundError, match="init_from=.*deit_small.npz.*does not exist"):
+    train.train_and_evaluate(config, str(tmp_path / "wd"))
+  assert not (tmp_path / "wd").exists()
 
 
 def test_corrupt_latest_checkpoint_falls_back(tmp_path, capsys):
