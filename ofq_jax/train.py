@@ -13,7 +13,8 @@ One jitted train step with explicit NamedShardings over a ``(data, fsdp)`` mesh;
 global batches from host-local data; process 0 alone logs. Layout of ``workdir``:
 ``metrics.jsonl``, ``tensorboard/<stage>``, ``checkpoints/<stage>/<step>`` (full
 training state, resumed automatically), ``models/<stage>`` (final parameters),
-``summary.json``.
+``summary.json``, ``plots/`` (``ofq_jax.plots``). Quantized stages track weight
+oscillation (``config.tracking``, ``ofq_jax.models.tracker``) inside the step.
 """
 
 from __future__ import annotations
