@@ -554,11 +554,11 @@ def _track(tracker_graphdef, model: nnx.Module, tracker_state, step: jax.Array):
 
 def make_tracking_metrics_fn(graphdef, tracker_graphdef, mesh):
   """Jitted ``(params, buffers, tracker_state) -> stacked per-tensor numbers`` (see
-  ``OscillationTracker.step_metrics``); run at log steps only, so the train step itself
+  ``OscillationTracker.layer_metrics``); run at log steps only, so the train step itself
   carries nothing but the tracker update."""
   def metrics(params, buffers, tracker_state):
     tracker = nnx.merge(tracker_graphdef, tracker_state)
-    return tracker.step_metrics(nnx.merge(graphdef, params, buffers))
+    return tracker.layer_metrics(nnx.merge(graphdef, params, buffers))
   return jax.jit(metrics, out_shardings=sharding.replicated(mesh))
 
 

@@ -80,7 +80,7 @@ def test_tracker_counts_an_up_down_up_weight_in_its_own_tensor():
     kernel[0, 0] = level * step
     model.head.kernel[...] = jnp.asarray(kernel)
     tracker.update(model)
-    history.append(tracker.named_metrics(jax.device_get(tracker.step_metrics(model))))
+    history.append(tracker.named_metrics(jax.device_get(tracker.layer_metrics(model))))
   assert [h["osc/flips/head.kernel"] for h in history] == [1, 1, 1]
   assert [h["osc/flips"] for h in history] == [1, 1, 1]  # nothing else moved
   ema = np.asarray(tracker.trackers[head].ema[...])

@@ -9,7 +9,7 @@ checkpoint layout and interop stay as they are; its state has the shapes of the
 weights it follows, so the fsdp rule shards it like them.
 
 Per-layer numbers are computed at log steps only, as a few stacked vectors
-(``step_metrics``), and named on the host (``named_metrics``); the train step itself
+(``layer_metrics``), and named on the host (``named_metrics``); the train step itself
 carries just the update.
 """
 
@@ -184,7 +184,7 @@ class OscillationTracker(nnx.Module):
                                         threshold=self.threshold)
       tracker.set(state, stats["flips"] / self.every_steps)
 
-  def step_metrics(self, model: nnx.Module) -> dict[str, jax.Array]:
+  def layer_metrics(self, model: nnx.Module) -> dict[str, jax.Array]:
     """Per-layer numbers stacked in tensor order (named by ``named_metrics``)."""
     modules = _modules(model)
     scales = [weight_scale(modules[w.path], w) for w in self.weights]
@@ -200,7 +200,7 @@ class OscillationTracker(nnx.Module):
     return np.array([int(np.prod(t.ema.shape)) for t in self.trackers], np.float64)
 
   def named_metrics(self, stacked: dict[str, Any]) -> dict[str, float]:
-    """``step_metrics`` output (host values) -> named scalars, per layer and in total.
+    """``layer_metrics`` output (host values) -> named scalars, per layer and in total.
 
     ``osc/oscillating_fraction[/<tensor>]``: share of weights whose EMA exceeds the
     threshold (``osc/oscillating_fraction_w<b>``: over the b-bit tensors only); ``osc/flips[/<tensor>]``: weights that changed level per step (at the
