@@ -40,9 +40,7 @@ class MetricsWriter:
     values = {k: _scalar(v) for k, v in scalars.items()}
     if not self.enabled:
       return values
-    record = {"step": int(step), "stage": self.stage, **values}
-    with open(self.path, "a", encoding="utf-8") as f:
-      f.write(json.dumps(record) + "\n")
+    self._append({"step": int(step), "stage": self.stage, **values})
     if self._tb is not None:
       for key, value in values.items():
         if math.isfinite(value):
@@ -57,14 +55,16 @@ class MetricsWriter:
       return
     values = {k: np.asarray(jax.device_get(v), np.float64).reshape(-1) for k, v in
               vectors.items()}
-    record = {"step": int(step), "stage": self.stage,
-              **{k: [float(x) for x in v] for k, v in values.items()}}
-    with open(self.path, "a", encoding="utf-8") as f:
-      f.write(json.dumps(record) + "\n")
+    self._append({"step": int(step), "stage": self.stage,
+                  **{k: [float(x) for x in v] for k, v in values.items()}})
     if self._tb is not None:
       for key, value in values.items():
         self._tb.add_histogram(key, value, int(step))
       self._tb.flush()
+
+  def _append(self, record: dict[str, Any]) -> None:
+    with open(self.path, "a", encoding="utf-8") as f:
+      f.write(json.dumps(record) + "\n")
 
   def close(self) -> None:
     if self._tb is not None:

@@ -42,13 +42,10 @@ from ofq_jax import losses, optim, sharding
 from ofq_jax.checkpointing import Checkpointer
 from ofq_jax.interop import load_timm_deit, quantize_from_float
 from ofq_jax.interop.checkpoints import float_config
-from ofq_jax.interop.names import dotted
 from ofq_jax.metrics import MetricsWriter, Progress
 from ofq_jax.models import calibrate, create_model
-from ofq_jax.models.attention import QKRAttention
-from ofq_jax.models.layers import QDense
 from ofq_jax.models.quantizers import QuantBuffer
-from ofq_jax.models.tracker import create_tracker, weight_scales
+from ofq_jax.models.tracker import create_tracker, quantized_weights, weight_scales
 
 STAGES = ("float", "qat", "cga")
 FAULT_ENV = "OFQ_JAX_FAULT_AFTER_STEP"
@@ -165,18 +162,9 @@ def _statsq_bits(model: nnx.Module, targets: str) -> dict[str, int]:
   """Dotted param path -> StatsQ bits of each CGA target weight matching ``targets``."""
   import re  # pylint: disable=import-outside-toplevel
   pattern = re.compile(targets)
-  bits = {}
-  for path, module in nnx.iter_modules(model):
-    spec = getattr(module, "spec", None)
-    if spec is None or not spec.quantize_weights or spec.weight_method != "statsq":
-      continue
-    names = ("kernel",) if isinstance(module, QDense) else (
-        ("v_kernel",) if isinstance(module, QKRAttention) else ())
-    for name in names:
-      key = dotted(tuple(path) + (name,))
-      if pattern.fullmatch(key):
-        bits[key] = spec.weight_bits
-  return bits
+  # QKR's W_q^T W_k product is rounded but is not a parameter, so CGA cannot freeze it.
+  return {w.name: w.bits for w in quantized_weights(model)
+          if w.method == "statsq" and w.attr != "qk_product" and pattern.fullmatch(w.name)}
 
 
 class _Stage:
