@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -16,6 +17,7 @@ from ofq_jax.interop.files import read_state_dict
 from ofq_jax.interop.names import dotted, entries, state_to_torch
 from ofq_jax.models.attention import QKRAttention
 from ofq_jax.models.deit import DeiT, create_model
+from ofq_jax.models.dtypes import param_dtype
 from ofq_jax.models.layers import PatchEmbed, QDense
 
 STATSQ_CLIP_VAL = 2.0
@@ -39,8 +41,9 @@ def _quantized_modules(model: nnx.Module) -> list[str]:
 
 
 def reference_buffers(model: nnx.Module) -> dict[str, np.ndarray]:
-  """The reference's StatsQ ``clip_val`` buffers that ofq_jax does not store."""
-  clip = np.array([STATSQ_CLIP_VAL], np.float32)
+  """The reference's StatsQ ``clip_val`` buffers that ofq_jax does not store
+  (in the model's floating dtype)."""
+  clip = np.array([STATSQ_CLIP_VAL], _state_dtype(model))
   buffers = {}
   for path, module in nnx.iter_modules(model):
     prefix = dotted(path)
@@ -53,9 +56,16 @@ def reference_buffers(model: nnx.Module) -> dict[str, np.ndarray]:
   return buffers
 
 
+def _state_dtype(model: nnx.Module) -> np.dtype:
+  """The floating dtype a model's state is held in (float32 or float64)."""
+  leaves = jax.tree.leaves(nnx.state(model))
+  return np.result_type(*[leaf.dtype for leaf in leaves
+                          if jnp.issubdtype(leaf.dtype, jnp.floating)])
+
+
 def _load_into(model: nnx.Module, state: Mapping[str, np.ndarray], *,
                buffers: Mapping[str, np.ndarray], may_be_missing: Callable[[str], bool],
-               source: str) -> None:
+               source: str, dtype: np.dtype) -> None:
   """Checks keys and shapes (all problems in one error), then assigns."""
   table = entries(nnx.state(model))
   expected = {e.key: e for e in table}
@@ -88,7 +98,7 @@ def _load_into(model: nnx.Module, state: Mapping[str, np.ndarray], *,
   flat = nnx.to_flat_state(nnx.state(model))
   for entry, (_, leaf) in zip(table, flat):
     if entry.key in state:
-      leaf.set_value(jnp.asarray(entry.from_torch(state[entry.key]), jnp.float32))
+      leaf.set_value(jnp.asarray(entry.from_torch(state[entry.key]), dtype))
   nnx.update(model, nnx.from_flat_state(flat))
 
 
@@ -106,17 +116,20 @@ def float_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
 
 
 def load_timm_deit(state_or_path: Mapping[str, Any] | str | os.PathLike[str],
-                   config: ml_collections.ConfigDict) -> DeiT:
+                   config: ml_collections.ConfigDict, *, dtype: Any = None) -> DeiT:
   """A float DeiT from a timm / FB DeiT checkpoint (dict, .pth, .npz, .safetensors).
 
   ``config`` (``model_config``) fixes the architecture; its ``quant`` block is
-  ignored. Raises CheckpointMismatchError listing every missing, unexpected or
+  ignored. ``dtype``: the model state's dtype; ``None`` keeps the checkpoint's
+  float32 / float64 where JAX can hold it (``ofq_jax.models.dtypes.param_dtype``).
+  Raises CheckpointMismatchError listing every missing, unexpected or
   mis-shaped key.
   """
   state = read_state_dict(state_or_path)
-  model = create_model(float_config(config))
+  dtype = param_dtype(dtype, state.values())
+  model = create_model(float_config(config), dtype=dtype)
   _load_into(model, state, buffers={}, may_be_missing=lambda key: False,
-             source=_describe(state_or_path))
+             source=_describe(state_or_path), dtype=dtype)
   return model
 
 
@@ -131,22 +144,25 @@ def export_timm_deit(float_model: DeiT) -> dict[str, np.ndarray]:
 
 
 def load_ofq_torch(state_or_path: Mapping[str, Any] | str | os.PathLike[str],
-                   config: ml_collections.ConfigDict, *, calibrated: bool = True) -> DeiT:
+                   config: ml_collections.ConfigDict, *, calibrated: bool = True,
+                   dtype: Any = None) -> DeiT:
   """A quantized DeiT from a checkpoint of the OFQ reference implementation.
 
   The released ``.pth.tar`` files hold the weights under ``"state_dict"``.
   ``config.quant`` must describe the checkpoint (bits, attention, weight method).
   With ``calibrated=False`` the LSQ step sizes (keys ending in ``.s``) may be
   absent, as in a model saved before its first forward; run ``calibrate`` then.
+  ``dtype`` as in ``load_timm_deit`` (float64 runs the model in float64 end to end).
   """
   if not config.quant.enabled:
     raise ValueError("load_ofq_torch needs config.quant.enabled=True (and the checkpoint's "
                      "bits / attention / weight_method); use load_timm_deit for float DeiTs.")
   state = read_state_dict(state_or_path)
-  model = create_model(config)
+  dtype = param_dtype(dtype, state.values())
+  model = create_model(config, dtype=dtype)
   may_be_missing = (lambda key: False) if calibrated else (lambda key: key.endswith(".s"))
   _load_into(model, state, buffers=reference_buffers(model), may_be_missing=may_be_missing,
-             source=_describe(state_or_path))
+             source=_describe(state_or_path), dtype=dtype)
   return model
 
 

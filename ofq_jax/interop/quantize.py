@@ -18,7 +18,7 @@ def _copy(dst: nnx.Variable, src: nnx.Variable | jax.Array) -> None:
   if tuple(dst.shape) != tuple(value.shape):
     raise ValueError(f"Cannot copy a {tuple(value.shape)} array into {tuple(dst.shape)}; "
                      "the float model and the config disagree in size.")
-  dst.set_value(jnp.asarray(value, jnp.float32))
+  dst.set_value(jnp.asarray(value, dst.dtype))
 
 
 def _copy_dense(dst, src) -> None:
@@ -42,11 +42,12 @@ def quantize_from_float(float_model: DeiT, config: ml_collections.ConfigDict, *,
   attention) get torch's default random init unless ``quant.attn_proj_init`` /
   ``quant.attn_qkv_init`` is ``'pretrained'`` (spec 7.1). Step sizes are
   placeholders until ``calibrate``; move biases start at zero. ``seed`` drives
-  the random inits.
+  the random inits. The quantized state takes the float model's dtype (float32,
+  or float64 under ``jax_enable_x64``).
   """
   if not config.quant.enabled:
     raise ValueError("quantize_from_float needs config.quant.enabled=True.")
-  model = create_model(config, nnx.Rngs(seed))
+  model = create_model(config, nnx.Rngs(seed), dtype=float_model.patch_embed.kernel.dtype)
   src, dst = float_model, model
   if src.config.embed_dim != config.embed_dim or len(src.blocks) != len(dst.blocks):
     raise ValueError(f"Float model (embed_dim={src.config.embed_dim}, depth={len(src.blocks)})"

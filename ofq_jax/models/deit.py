@@ -1,7 +1,8 @@
 """DeiT (timm-compatible) as a Flax NNX module, float or quantized from one config.
 
 ``model_config(size='tiny', **overrides)`` gives the ConfigDict; ``create_model``
-builds the model. ``model(images, train=False)`` takes NHWC float32 images and
+builds the model. ``model(images, train=False)`` takes NHWC float32 (or, with a float64
+state under ``jax_enable_x64``, float64) images and
 returns logits; a distilled model returns ``(cls + dist) / 2`` in eval mode and
 the pair ``(cls_logits, dist_logits)`` in train mode (spec 5.1, 8).
 """
@@ -13,9 +14,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from ofq_jax.models.attention import QKRAttention, StandardAttention
+from ofq_jax.models.dtypes import cast_floating, param_dtype
 from ofq_jax.models.layers import Mlp, PatchEmbed, QDense
 from ofq_jax.quant.rules import WEIGHT_METHODS, QuantRules
 
@@ -210,8 +213,16 @@ def _check_images(images: jax.Array, config: ml_collections.ConfigDict) -> None:
                      "with images.transpose(0, 2, 3, 1) or set img_size.")
 
 
-def create_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs | int = 0) -> DeiT:
-  """Builds the (float or quantized) DeiT described by ``config``."""
+def create_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs | int = 0, *,
+                 dtype: Any = None) -> DeiT:
+  """Builds the (float or quantized) DeiT described by ``config``.
+
+  ``dtype``: the state's floating dtype (float32 by default; float64 needs
+  ``jax_enable_x64``, see ``ofq_jax.models.dtypes``).
+  """
   if isinstance(rngs, int):
     rngs = nnx.Rngs(rngs)
-  return DeiT(config, rngs)
+  model = DeiT(config, rngs)
+  if param_dtype(dtype) != np.float32:
+    cast_floating(model, dtype)
+  return model

@@ -7,14 +7,12 @@ with the data-dependent initial value computed from the input they see.
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ofq_jax.quant.lsq import (lsq_fake_quant_dynamic, lsq_initial_step, lsq_range,
-                               shared_count)
+from ofq_jax.quant.lsq import (lsq_fake_quant_dynamic, lsq_initial_step, lsq_quantize,
+                               lsq_range, shared_count)
 
 IMAGE_SIGN_THRESHOLD = -1e-5
 """An image whose minimum is below this makes the image quantizer signed, for good."""
@@ -50,14 +48,13 @@ class LsqQuantizer(nnx.Module):
     self.step = nnx.Param(jnp.ones(step_shape, jnp.float32))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    qn, qp = lsq_range(self.bits, self.signed)
     if self.calibrating:
-      self.step[...] = lsq_initial_step(x, qp=qp, keep_axes=self.keep_axes,
-                                        factor=2.0 if self.signed else 4.0)
-    count = shared_count(x.shape, self.keep_axes, grad_batch=self.grad_batch,
-                         batch_axis=self.batch_axis)
-    return lsq_fake_quant_dynamic(x, self.step[...], self.keep_axes, jnp.float32(qn),
-                                  jnp.float32(qp), jnp.float32(1.0 / math.sqrt(qp * count)))
+      _, qp = lsq_range(self.bits, self.signed)
+      _set(self.step, lsq_initial_step(x, qp=qp, keep_axes=self.keep_axes,
+                                       factor=2.0 if self.signed else 4.0))
+    return lsq_quantize(x, self.step[...], bits=self.bits, signed=self.signed,
+                        keep_axes=self.keep_axes, grad_batch=self.grad_batch,
+                        batch_axis=self.batch_axis)
 
 
 class ImageQuantizer(nnx.Module):
@@ -77,20 +74,26 @@ class ImageQuantizer(nnx.Module):
     self.signed = QuantBuffer(jnp.zeros((1,), jnp.float32))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    seen_negative = (jnp.min(x) < IMAGE_SIGN_THRESHOLD).astype(jnp.float32)
+    seen_negative = (jnp.min(x) < IMAGE_SIGN_THRESHOLD).astype(self.signed.dtype)
     signed_flag = jnp.maximum(self.signed[...], seen_negative)
     self.signed[...] = signed_flag
     is_signed = signed_flag[0] > 0
     s_qn, s_qp = lsq_range(self.bits, True)
     u_qn, u_qp = lsq_range(self.bits, False)
-    qn = jnp.where(is_signed, jnp.float32(s_qn), jnp.float32(u_qn))
-    qp = jnp.where(is_signed, jnp.float32(s_qp), jnp.float32(u_qp))
+    dtype = x.dtype  # constants follow the input (float32 or float64 end to end)
+    qn = jnp.where(is_signed, jnp.asarray(s_qn, dtype), jnp.asarray(u_qn, dtype))
+    qp = jnp.where(is_signed, jnp.asarray(s_qp, dtype), jnp.asarray(u_qp, dtype))
     keep_axes = (x.ndim - 1,)
     if self.calibrating:
-      self.step[...] = lsq_initial_step(x, qp=qp, keep_axes=keep_axes, factor=2.0)
+      _set(self.step, lsq_initial_step(x, qp=qp, keep_axes=keep_axes, factor=2.0))
     count = shared_count(x.shape, keep_axes, grad_batch=self.grad_batch, batch_axis=0)
     grad_scale = 1.0 / jnp.sqrt(qp * count)
     return lsq_fake_quant_dynamic(x, self.step[...], keep_axes, qn, qp, grad_scale)
+
+
+def _set(step: nnx.Param, value: jax.Array) -> None:
+  """Writes a calibrated step in the parameter's own dtype (no silent promotion)."""
+  step.set_value(value.astype(step.dtype))
 
 
 def set_calibrating(model: nnx.Module, value: bool) -> int:

@@ -119,8 +119,12 @@ def lsq_quantize(x: jax.Array, step: jax.Array, *, bits: int, signed: bool,
   """
   qn, qp = lsq_range(bits, signed)
   count = shared_count(x.shape, keep_axes, grad_batch=grad_batch, batch_axis=batch_axis)
-  return lsq_fake_quant_dynamic(x, step, keep_axes, jnp.float32(qn), jnp.float32(qp),
-                                jnp.float32(1.0 / math.sqrt(qp * count)))
+  # Constants in the input's dtype: the reference's Python-float scale 1/sqrt(Qp*M) is
+  # rounded to float32 in a float32 run and kept in float64 in a float64 run.
+  dtype = x.dtype
+  return lsq_fake_quant_dynamic(x, step, keep_axes, jnp.asarray(qn, dtype),
+                                jnp.asarray(qp, dtype),
+                                jnp.asarray(1.0 / math.sqrt(qp * count), dtype))
 
 
 def lsq_fake_quant_dynamic(x: jax.Array, step: jax.Array, keep_axes: tuple[int, ...],
@@ -145,5 +149,5 @@ def lsq_initial_step(x: jax.Array, *, qp: int | jax.Array, keep_axes: tuple[int,
   """
   ndim = x.ndim
   mean = jnp.mean(jnp.abs(x), axis=reduce_axes_for(ndim, keep_axes))
-  step = factor * mean / jnp.sqrt(jnp.asarray(qp, jnp.float32))
+  step = factor * mean / jnp.sqrt(jnp.asarray(qp, x.dtype))
   return jnp.reshape(jax.lax.stop_gradient(step), step_shape(x.shape, keep_axes))

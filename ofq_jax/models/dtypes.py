@@ -1,0 +1,58 @@
+"""Parameter dtypes: float32 by default, float64 end to end under ``jax_enable_x64``.
+
+Float64 is how parity is judged where float32 cannot tell a bug from a rounding
+tie (a 2-bit level a few ulps from its threshold): given float64 states and
+inputs, every model, quantizer, calibration, gradient and CGA mask here computes
+in float64, and each constant follows its input's dtype. These helpers choose
+and apply the floating dtype of a model's state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def x64_enabled() -> bool:
+  return bool(jax.config.read("jax_enable_x64"))
+
+
+def param_dtype(dtype: Any = None, arrays: Iterable[Any] = ()) -> np.dtype:
+  """The floating dtype to hold a model's state in.
+
+  ``dtype=None`` keeps the source's precision where JAX can hold it: float64
+  when ``arrays`` has a float64 entry and ``jax_enable_x64`` is on, float32
+  otherwise. An explicit float64 without x64 is an error rather than a silent
+  float32.
+  """
+  if dtype is None:
+    wide = any(np.asarray(a).dtype == np.float64 for a in arrays)
+    return np.dtype(np.float64 if wide and x64_enabled() else np.float32)
+  dtype = np.dtype(dtype)
+  if dtype not in FLOAT_DTYPES:
+    raise ValueError(f"dtype={dtype} is not supported for model states; use float32 "
+                     "(training) or float64 (parity checks, with jax_enable_x64).")
+  if dtype == np.float64 and not x64_enabled():
+    raise ValueError("dtype=float64 needs 64-bit JAX: wrap the call in "
+                     "`with jax.enable_x64(True):` or set jax.config.update("
+                     "'jax_enable_x64', True) before building the model.")
+  return dtype
+
+
+def cast_floating(model: nnx.Module, dtype: Any) -> nnx.Module:
+  """Casts every floating leaf of ``model``'s state to ``dtype`` in place; returns it."""
+  dtype = param_dtype(dtype)
+  state = nnx.state(model)
+
+  def cast(x):
+    return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+  nnx.update(model, jax.tree.map(cast, state))
+  return model
