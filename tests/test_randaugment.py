@@ -82,3 +82,32 @@ def test_randaugment_is_seeded_and_keeps_the_value_range():
                                 IMAGE.numpy()) for i in range(40)]
   # Each of the 2 layers applies with p 0.5: ~75 % of images change.
   assert 0.5 < np.mean(changed) < 0.95
+
+
+def test_randaugment_is_draw_then_apply_op():
+  """``randaugment`` applies, layer by layer, the ops ``draw`` picks for the same seed."""
+  for i in range(6):
+    seed = tf.constant([i, 3], tf.int64)
+    choices = {k: v.numpy() for k, v in ra.draw(tf, seed).items()}
+    assert choices["index"].shape == (2,)
+    expected = IMAGE
+    for index, apply, level, sign in zip(choices["index"], choices["apply"],
+                                         choices["level"], choices["sign"]):
+      assert 0.0 <= level <= ra.MAX_LEVEL and sign in (-1.0, 1.0)
+      if apply:
+        expected = ra.apply_op(tf, ra.OPS[index], expected, level, sign)
+    np.testing.assert_array_equal(ra.randaugment(tf, IMAGE, seed).numpy(), expected)
+
+
+@pytest.mark.parametrize("name", ra.OPS)
+def test_traced_op_equals_eager(name):
+  """tf.data runs the ops traced, with an unknown image shape, after Grappler's rewrites
+  (which e.g. turn ``x / 10`` into ``x * 0.1``): same values as eager."""
+  traced = tf.function(lambda image, level, sign: ra.apply_op(tf, name, image, level, sign),
+                       autograph=False,
+                       input_signature=[tf.TensorSpec([None, None, 3], tf.float32),
+                                        tf.TensorSpec([], tf.float32),
+                                        tf.TensorSpec([], tf.float32)])
+  for level, sign in ((3.0, 1.0), (7.3, -1.0), (10.0, -1.0)):
+    np.testing.assert_array_equal(traced(IMAGE, level, sign).numpy(),
+                                  op(name, level=level, sign=sign))
