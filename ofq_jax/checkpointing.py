@@ -19,8 +19,8 @@ class Checkpointer:
     self.log = log
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=("state", "meta"))
+    # Items are named by the Composite args of each call (``item_names`` is deprecated).
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())

@@ -38,7 +38,7 @@ from flax import nnx
 
 from ofq_jax import data as data_lib
 from ofq_jax import cga as cga_lib
-from ofq_jax import losses, optim, sharding
+from ofq_jax import compat, losses, optim, sharding
 from ofq_jax.checkpointing import Checkpointer
 from ofq_jax.interop import load_timm_deit, quantize_from_float
 from ofq_jax.interop.checkpoints import float_config
@@ -134,7 +134,7 @@ def save_model(directory: str, model: nnx.Module) -> None:
 def load_model(directory: str, model: nnx.Module) -> nnx.Module:
   """Restores ``save_model`` output into ``model`` (same config)."""
   _, state = nnx.split(model)
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  abstract = jax.tree.map(compat.to_shape_dtype_struct, state)
   restored = ocp.StandardCheckpointer().restore(os.path.abspath(directory), abstract)
   nnx.update(model, restored)
   return model

@@ -107,9 +107,9 @@ def quantizer_fixture(request) -> QuantizerFixture:
 @pytest.fixture(autouse=True)
 def _float32_unless_marked_x64(request):
   """Guards the float64 tier's isolation: no other test may run with x64 on."""
-  import jax  # pylint: disable=import-outside-toplevel
+  from ofq_jax.compat import x64_enabled  # pylint: disable=import-outside-toplevel
   if request.node.get_closest_marker("x64") is None:
-    assert not jax.config.read("jax_enable_x64"), "jax_enable_x64 leaked into a float32 test"
+    assert not x64_enabled(), "jax_enable_x64 leaked into a float32 test"
   yield
 
 

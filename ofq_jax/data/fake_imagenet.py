@@ -13,11 +13,13 @@ import tarfile
 
 import numpy as np
 
+from ofq_jax.data import optional
+
 SYNSETS = ("n01440764", "n01443537", "n01484850", "n01491361")
 
 
 def _jpeg(rng: np.random.Generator, height: int, width: int) -> bytes:
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  tf = optional.require("tensorflow", what="writing a fake ImageNet")
   pixels = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
   return tf.io.encode_jpeg(pixels).numpy()
 

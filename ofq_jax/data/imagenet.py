@@ -22,15 +22,14 @@ import os
 from collections.abc import Iterator
 
 from ofq_jax.data import Batch
+from ofq_jax.data import optional
 from ofq_jax.data import randaugment as randaugment_lib
 
 EXPECTED_FILES = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
 
 
 def _tf():
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
-  tf.config.set_visible_devices([], "GPU")  # tf.data only; keep accelerators for JAX
-  return tf
+  return optional.tensorflow()
 
 
 def random_crop_window(tf, shape, seed, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
@@ -127,7 +126,7 @@ class ImageNetSource:
     self.config = config
     if config.get("randaugment"):
       randaugment_lib.parse(config.randaugment)  # fail early on a bad spec
-    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    tfds = optional.require("tensorflow_datasets")
     self.tfds = tfds
     self.builder = tfds.builder("imagenet2012", data_dir=config.data_dir)
     if not self._prepared():

@@ -17,11 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from ofq_jax.compat import x64_enabled
+
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
-
-def x64_enabled() -> bool:
-  return bool(jax.config.read("jax_enable_x64"))
 
 
 def param_dtype(dtype: Any = None, arrays: Iterable[Any] = ()) -> np.dtype:
