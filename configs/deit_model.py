@@ -11,16 +11,17 @@ ImageNet recipes) embed this under ``config.model``.
 
 import ml_collections
 
-from ofq_jax.config_args import parse_config_arg
+from ofq_jax.config_args import parse_arg
 from ofq_jax.models.deit import model_config
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  args = parse_config_arg(arg, ("size", "bits", "attention", "method"))
-  bits = int(args.get("bits", "2"))
+  args = parse_arg(arg, where="configs/deit_model.py", size=("tiny", "small", "base"),
+                   bits=2, attention=("qkr", "standard"),
+                   method=("statsq", "lsq"))
+  bits = args["bits"]
   quant = dict(enabled=bits > 0)
   if bits > 0:
-    quant.update(weight_bits=bits, act_bits=bits,
-                 attention=args.get("attention", "qkr"),
-                 weight_method=args.get("method", "statsq"))
-  return model_config(args.get("size", "tiny"), quant=quant)
+    quant.update(weight_bits=bits, act_bits=bits, attention=args["attention"],
+                 weight_method=args["method"])
+  return model_config(args["size"], quant=quant)

@@ -1,21 +1,35 @@
-"""The big_vision-style argument string of config files: ``--config=FILE:bits=4,seed=1``."""
+"""Typed big_vision-style argument strings of config files: ``--config=FILE:bits=4,seed=1``."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from typing import Any
 
 
-def parse_config_arg(arg: str | None, known: Iterable[str]) -> dict[str, str]:
-  """``"a=1,b=x"`` -> ``{"a": "1", "b": "x"}``; unknown keys are an error naming them."""
-  known = tuple(known)
-  parsed = {}
-  for pair in [p for p in (arg or "").split(",") if p.strip()]:
-    if "=" not in pair:
-      raise ValueError(f"Config argument {pair!r} is not key=value (known keys: "
-                       f"{', '.join(known)}).")
-    key, value = pair.split("=", 1)
-    parsed[key.strip()] = value.strip()
-  unknown = sorted(set(parsed) - set(known))
-  if unknown:
-    raise ValueError(f"Unknown config argument(s) {unknown}; known: {', '.join(known)}.")
-  return parsed
+def parse_arg(arg: str | None, *, where: str, **fields: Any) -> dict[str, Any]:
+  """``"bits=4,seed=1"`` -> ``{"bits": 4, "seed": 1, ...}`` with every field filled.
+
+  Each keyword names a field: a tuple is its choices (the first is the default,
+  the string is converted with the first choice's type), anything else is the
+  default whose type converts the string. A bad key or value fails in one line
+  naming ``where``, the value and the known keys.
+  """
+  known = ", ".join(fields)
+  values: dict[str, Any] = {k: (v[0] if isinstance(v, tuple) else v) for k, v in fields.items()}
+  for pair in [p.strip() for p in (arg or "").split(",") if p.strip()]:
+    key, sep, text = (s.strip() for s in pair.partition("="))
+    if not sep:
+      raise ValueError(f"{where}: argument {pair!r} is not key=value (known: {known})")
+    if key not in fields:
+      raise ValueError(f"{where}: unknown argument {key!r} (known: {known})")
+    spec = fields[key]
+    kind = type(spec[0] if isinstance(spec, tuple) else spec)
+    try:
+      value = kind(text)
+    except ValueError:
+      raise ValueError(f"{where}: {key}={text!r} is not a{'n' if kind is int else ''} "
+                       f"{kind.__name__} (known: {known})") from None
+    if isinstance(spec, tuple) and value not in spec:
+      raise ValueError(f"{where}: {key}={text!r} is not one of "
+                       f"{', '.join(map(str, spec))} (known: {known})")
+    values[key] = value
+  return values

@@ -1,6 +1,6 @@
 """Evaluate a checkpoint on the config's eval split (top-1, top-5, images/s).
 
-  python -m ofq_jax.evaluate --config=configs/deit_t_w2a2.py --checkpoint=PATH \\
+  python -m ofq_jax.evaluate --config=configs/imagenet.py:model=tiny,bits=2 --checkpoint=PATH \\
       --config.data.data_dir=$TFDS_DATA_DIR
 
 ``PATH`` may be an ofq_jax model directory (``workdir/models/<stage>``), a timm / FB

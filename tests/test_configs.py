@@ -27,7 +27,7 @@ def test_deit_model_arguments():
   assert (config.quant.weight_bits, config.quant.attention, config.quant.weight_method) == (
       3, "standard", "lsq")
   assert not module.get_config("bits=0").quant.enabled
-  with pytest.raises(ValueError, match="Unknown config argument"):
+  with pytest.raises(ValueError, match="^configs/deit_model.py: unknown argument 'depth'"):
     module.get_config("depth=3")
   with pytest.raises(ValueError, match="not key=value"):
     module.get_config("small")

@@ -2,6 +2,8 @@
 JPEGs packed in the ``ILSVRC2012_img_train.tar`` / ``ILSVRC2012_img_val.tar`` layout and
 prepared by tfds's own builder from ``manual_dir``."""
 
+import sys
+
 import ml_collections
 import numpy as np
 import pytest
@@ -116,6 +118,14 @@ def test_missing_files_are_named(tmp_path):
     build(data_config(str(tmp_path / "nothing"), str(tmp_path / "tfds")))
 
 
+def test_imagenet_without_its_extra_names_the_install(tmp_path, monkeypatch):
+  """Without tensorflow-datasets (the [imagenet] extra) ImageNet fails in one line."""
+  monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import now raises
+  with pytest.raises(ImportError, match=r"^error: data.name='imagenet2012' needs "
+                     r"tensorflow_datasets.*fix: pip install 'ofq_jax\[imagenet\]'$"):
+    build(data_config(str(tmp_path), str(tmp_path / "tfds")))
+
+
 def test_bad_randaugment_spec_fails_before_reading(imagenet_dirs):
   with pytest.raises(ValueError, match="only the 'increasing' op set"):
     build(data_config(*imagenet_dirs, randaugment="rand-m9"))
@@ -181,16 +191,16 @@ def tiny_teacher(imagenet_dirs, tmp_path_factory):
   return str(workdir / "models" / "float")
 
 
-@pytest.mark.parametrize("name", ["deit_t_w2a2", "deit_t_w3a3", "deit_t_w4a4",
-                                  "deit_s_w2a2", "deit_s_w3a3", "deit_s_w4a4"])
-def test_every_recipe_runs_two_steps(name, imagenet_dirs, tiny_teacher, tmp_path):
+@pytest.mark.parametrize("model,bits", [("tiny", 2), ("tiny", 3), ("tiny", 4), ("small", 2),
+                                        ("small", 3), ("small", 4)])
+def test_every_recipe_runs_two_steps(model, bits, imagenet_dirs, tiny_teacher, tmp_path):
   """Each recipe as written (its augmentation, optimizer, KD, quantization) with a tiny
   model and the tiny dataset: 2 QAT steps, and for the first recipe 2 CGA steps after."""
-  from test_recipes import load
-  config = set_fields(load(name).get_config(), {**TINY_MODEL, "num_train_steps": 2})
+  from test_recipes import imagenet_config
+  config = set_fields(imagenet_config(model, bits), {**TINY_MODEL, "num_train_steps": 2})
   config.data.data_dir, config.data.manual_dir = imagenet_dirs[1], imagenet_dirs[0]
   config.qat.teacher = tiny_teacher
-  with_cga = name == "deit_t_w2a2"
+  with_cga = (model, bits) == ("tiny", 2)
   config.stages = ("qat", "cga") if with_cga else ("qat",)
   summary = train.train_and_evaluate(config, str(tmp_path))
   assert 0.0 <= summary["qat_top1"] <= 100.0

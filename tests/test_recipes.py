@@ -1,45 +1,51 @@
-"""The ImageNet recipe configs against the reference's table (spec 5.2, 5.3, 6).
+"""The ImageNet recipes against the reference's table (spec 5.2, 5.3, 6).
 
-The expected values are transcribed from ``../shared/ofq_spec.md`` section 5.2.
+The expected values are transcribed from ``../shared/ofq_spec.md`` section 5.2; the
+table in ``configs/imagenet.py``'s docstring is parsed and compared with both.
 """
 
 import importlib.util
 import pathlib
+import re
 
 import pytest
 
-from ofq_jax import optim
+from ofq_jax import optim, recipes
+from ofq_jax.config_args import parse_arg
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 IMAGENET_TRAIN = 1_281_167
 
-# name: (size, bits, global batch, per-GPU batch, lr, wd, warmup, mixup, cutmix,
-#        label smoothing, repeated aug, paper top-1)
+# (model, bits): (global batch, per-GPU batch, lr, wd, warmup, mixup, cutmix,
+#                 label smoothing, repeated aug, paper top-1)
 SPEC_5_2 = {
-    "deit_t_w2a2": ("tiny", 2, 560, 140, 5.47e-4, 0.05, 5, 0.0, 0.0, 0.0, 0, 64.33),
-    "deit_t_w3a3": ("tiny", 3, 560, 140, 5.47e-4, 0.05, 5, 0.0, 0.0, 0.0, 0, 72.72),
-    "deit_t_w4a4": ("tiny", 4, 560, 140, 5.47e-4, 0.05, 5, 0.0, 0.0, 0.0, 0, 75.46),
-    "deit_s_w2a2": ("small", 2, 560, 140, 5.47e-4, 0.05, 5, 0.0, 0.0, 0.0, 0, 75.72),
-    "deit_s_w3a3": ("small", 3, 800, 100, 3.2e-4, 0.0, 0, 0.8, 1.0, 0.1, 3, 79.57),
-    "deit_s_w4a4": ("small", 4, 800, 100, 3.2e-4, 0.0, 0, 0.8, 1.0, 0.1, 3, 81.10),
+    ("tiny", 2): (560, 140, 5.47e-4, 0.05, 5, 0.0, 0.0, 0.0, 0, 64.33),
+    ("tiny", 3): (560, 140, 5.47e-4, 0.05, 5, 0.0, 0.0, 0.0, 0, 72.72),
+    ("tiny", 4): (560, 140, 5.47e-4, 0.05, 5, 0.0, 0.0, 0.0, 0, 75.46),
+    ("small", 2): (560, 140, 5.47e-4, 0.05, 5, 0.0, 0.0, 0.0, 0, 75.72),
+    ("small", 3): (800, 100, 3.2e-4, 0.0, 0, 0.8, 1.0, 0.1, 3, 79.57),
+    ("small", 4): (800, 100, 3.2e-4, 0.0, 0, 0.8, 1.0, 0.1, 3, 81.10),
 }
 
 
-def load(name):
+def load(name: str = "imagenet"):
   spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
 
 
-@pytest.mark.parametrize("name", sorted(SPEC_5_2))
-def test_recipe_matches_spec_table(name):
-  (size, bits, batch, per_gpu, lr, wd, warmup, mixup, cutmix, smoothing, repeats,
-   top1) = SPEC_5_2[name]
-  module = load(name)
-  config = module.get_config()
+def imagenet_config(model: str, bits: int, stage: str = "qat"):
+  return load().get_config(f"model={model},bits={bits},stage={stage}")
+
+
+@pytest.mark.parametrize("model,bits", sorted(SPEC_5_2))
+def test_recipe_matches_spec_table(model, bits):
+  (batch, per_gpu, lr, wd, warmup, mixup, cutmix, smoothing, repeats, top1) = \
+      SPEC_5_2[model, bits]
+  config = imagenet_config(model, bits)
   assert config.stages == ("qat",)
-  assert config.model.embed_dim == {"tiny": 192, "small": 384}[size]
+  assert config.model.embed_dim == {"tiny": 192, "small": 384}[model]
   assert config.model.distilled and config.model.num_classes == 1000
   quant = config.model.quant
   assert (quant.weight_bits, quant.act_bits, quant.weight_method, quant.attention) == (
@@ -50,6 +56,7 @@ def test_recipe_matches_spec_table(name):
   qat = config.qat
   assert (qat.lr, qat.weight_decay, qat.warmup_epochs) == (lr, wd, warmup)
   assert (qat.epochs, qat.cooldown_epochs, qat.min_lr, qat.warmup_lr) == (300, 10, 1e-5, 1e-6)
+  assert qat.teacher == recipes.TEACHER_FILES[model]
   assert (config.data.mixup, config.data.cutmix, config.data.repeated_aug) == (
       mixup, cutmix, repeats)
   assert config.data.label_smoothing == smoothing and config.label_smoothing == 0.0
@@ -57,19 +64,47 @@ def test_recipe_matches_spec_table(name):
   assert (config.data.random_erasing, config.data.eval_resize) == (0.25, 248)
   assert config.kd.teacher_logits == "cls"
   assert (config.cga.epochs, config.cga.boundary_range) == (30, 0.005)
-  cga = module.get_config("stage=cga")
-  assert cga.stages == ("cga",)
-  # Docstring: both commands and the paper's number.
-  doc = module.__doc__
-  assert f"--config=configs/{name}.py --workdir" in doc
-  assert f"--config=configs/{name}.py:stage=cga --workdir" in doc
-  assert f"{top1:.2f}" in doc
+  assert recipes.IMAGENET[model, bits].top1 == top1
+  assert imagenet_config(model, bits, "cga").stages == ("cga",)
 
 
-@pytest.mark.parametrize("name", sorted(SPEC_5_2))
-def test_recipe_schedule_resolves(name):
+def _docstring_rows() -> dict[tuple[str, int], tuple]:
+  """The table of configs/imagenet.py's docstring, one tuple per row."""
+  rows = {}
+  for line in load().__doc__.splitlines():
+    m = re.fullmatch(r"\s+(tiny|small)\s+(\d)\s+([\d.]+)\s+(\d) x (\d+)\s+([\de.-]+)\s+([\d.]+)"
+                     r"\s+(\d)\s+(off|([\d.]+) / ([\d.]+) \(([\d.]+)\))\s+(-|x(\d))", line)
+    if m:
+      g = m.groups()
+      mixing = (0.0, 0.0, 0.0) if g[8] == "off" else tuple(float(v) for v in g[9:12])
+      rows[g[0], int(g[1])] = (float(g[2]), int(g[3]), int(g[4]), float(g[5]), float(g[6]),
+                               int(g[7]), *mixing, int(g[13] or 0))
+  return rows
+
+
+def test_docstring_table_is_the_recipe_table():
+  """What the docstring shows is recipes.IMAGENET, and both follow spec 5.2."""
+  rows = _docstring_rows()
+  assert set(rows) == set(recipes.IMAGENET) == set(SPEC_5_2)
+  for key, row in recipes.IMAGENET.items():
+    assert rows[key] == tuple(row), key
+    batch, per_gpu, lr, wd, warmup, mixup, cutmix, ls, rep, top1 = SPEC_5_2[key]
+    assert (row.gpus * row.per_gpu, row.per_gpu, row.lr, row.wd, row.warmup, row.mixup,
+            row.cutmix, row.ls, row.rep, row.top1) == (batch, per_gpu, lr, wd, warmup, mixup,
+                                                       cutmix, ls, rep, top1)
+
+
+def test_docstring_has_both_stage_commands():
+  doc = load().__doc__
+  assert "--config=configs/imagenet.py:model=tiny,bits=2 --workdir" in doc
+  assert "--config=configs/imagenet.py:model=tiny,bits=2,stage=cga --workdir" in doc
+  assert recipes.TEACHER_FILES["tiny"] in doc and recipes.TEACHER_FILES["small"] in doc
+
+
+@pytest.mark.parametrize("model,bits", sorted(SPEC_5_2))
+def test_recipe_schedule_resolves(model, bits):
   """Iterations per epoch as the reference (spec 5.2) and the LR curve's landmarks."""
-  config = load(name).get_config()
+  config = imagenet_config(model, bits)
   steps_per_epoch = IMAGENET_TRAIN // config.batch_size
   assert steps_per_epoch == (2287 if config.batch_size == 560 else 1601)
   schedule = optim.epoch_schedule(steps_per_epoch, base_lr=config.qat.lr,
@@ -81,6 +116,29 @@ def test_recipe_schedule_resolves(name):
   assert float(schedule(309 * steps_per_epoch)) == pytest.approx(1e-5)
 
 
-def test_bad_stage_argument():
-  with pytest.raises(ValueError, match="stage='float'"):
-    load("deit_t_w2a2").get_config("stage=float")
+@pytest.mark.parametrize("arg,message", [
+    ("stage=float", "configs/imagenet.py: stage='float' is not one of qat, cga "
+                    "(known: model, bits, stage)"),
+    ("bits=five", "configs/imagenet.py: bits='five' is not an int (known: model, bits, stage)"),
+    ("bits=5", "configs/imagenet.py: bits='5' is not one of 2, 3, 4"),
+    ("model=base", "configs/imagenet.py: model='base' is not one of tiny, small"),
+    ("size=tiny", "configs/imagenet.py: unknown argument 'size' (known: model, bits, stage)"),
+    ("tiny", "configs/imagenet.py: argument 'tiny' is not key=value"),
+])
+def test_bad_arguments_fail_in_one_line(arg, message):
+  with pytest.raises(ValueError, match="^" + re.escape(message)):
+    load().get_config(arg)
+
+
+def test_digits_arguments_are_typed():
+  config = load("digits").get_config("method=lsq,bits=3,seed=7")
+  assert (config.method, config.model.quant.weight_bits, config.seed) == ("lsq", 3, 7)
+  assert load("digits").get_config("").method == "ofq"
+  with pytest.raises(ValueError, match=r"^configs/digits.py: bits='9' is not one of 2, 3, 4"):
+    load("digits").get_config("bits=9")
+
+
+def test_parse_arg_defaults_and_types():
+  assert parse_arg("", where="x", a=("p", "q"), n=3, f=0.5) == dict(a="p", n=3, f=0.5)
+  assert parse_arg(" n=4 , f=1e-3", where="x", a=("p", "q"), n=3, f=0.5) == dict(
+      a="p", n=4, f=1e-3)
