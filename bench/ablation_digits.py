@@ -120,14 +120,16 @@ def low_bit_fractions(run: Run) -> dict[str, float]:
   """Oscillating share over the run's ``bits``-bit tensors only (the 8-bit patch embedding
   and heads left out), at the end of each stage, from its ``metrics.jsonl``: the last
   record's per-tensor fractions weighted by tensor size."""
-  from ofq_jax.models import create_model  # pylint: disable=import-outside-toplevel
-  from ofq_jax.models.tracker import OscillationTracker  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from ofq_jax.models import create_model, rounded  # pylint: disable=import-outside-toplevel
   from ofq_jax.recipes import digits_recipe  # pylint: disable=import-outside-toplevel
   config = digits_recipe(f"method={run.method},bits={run.bits}")
   config.model.quant.enabled = True
-  tracker = OscillationTracker(create_model(config.model))
-  sizes = dict(zip(tracker.names, tracker.sizes()))
-  low = [w.name for w in tracker.weights if w.bits == run.bits]
+  model = create_model(config.model)
+  modules = {tuple(p): m for p, m in nnx.iter_modules(model)}
+  low_bit = [t for t in rounded.rounded_tensors(model) if t.bits == run.bits]
+  sizes = {t.name: modules[t.path].value(t.attr).size for t in low_bit}
+  low = list(sizes)
   last = {}
   with open(run.workdir / "metrics.jsonl", encoding="utf-8") as f:
     for line in f:

@@ -45,7 +45,8 @@ from ofq_jax.interop.checkpoints import float_config
 from ofq_jax.metrics import MetricsWriter, Progress
 from ofq_jax.models import calibrate, create_model
 from ofq_jax.models.quantizers import QuantBuffer
-from ofq_jax.models.tracker import create_tracker, quantized_weights, weight_scales
+from ofq_jax.models.rounded import cga_targets
+from ofq_jax.models.tracker import create_tracker, weight_scales
 
 STAGES = ("float", "qat", "cga")
 FAULT_ENV = "OFQ_JAX_FAULT_AFTER_STEP"
@@ -158,15 +159,6 @@ def _load_float_model(source: str, workdir: str, float_cfg) -> nnx.Module:
   return load_timm_deit(source, float_cfg)
 
 
-def _statsq_bits(model: nnx.Module, targets: str) -> dict[str, int]:
-  """Dotted param path -> StatsQ bits of each CGA target weight matching ``targets``."""
-  import re  # pylint: disable=import-outside-toplevel
-  pattern = re.compile(targets)
-  # QKR's W_q^T W_k product is rounded but is not a parameter, so CGA cannot freeze it.
-  return {w.name: w.bits for w in quantized_weights(model)
-          if w.method == "statsq" and w.attr != "qk_product" and pattern.fullmatch(w.name)}
-
-
 class _Stage:
   """One stage of ``train_and_evaluate``."""
 
@@ -242,7 +234,7 @@ class _Stage:
     inner = self.optimizer(params, schedule)
     cga_bits = None
     if self.name == "cga":
-      bits_by_name = _statsq_bits(student, self.scfg.targets)
+      bits_by_name = cga_targets(student, self.scfg.targets)
       if not bits_by_name:
         raise ValueError(f"cga.targets={self.scfg.targets!r} matches no StatsQ weight.")
       cga_bits = cga_lib.target_bits(params, bits_by_name)

@@ -14,10 +14,11 @@ import numpy as np
 from flax import nnx
 
 from ofq_jax.interop.files import read_state_dict
-from ofq_jax.interop.names import dotted, entries, state_to_torch
+from ofq_jax.interop.names import dotted, entries, state_to_torch, statsq_clip_key
 from ofq_jax.models.attention import QKRAttention
 from ofq_jax.models.deit import DeiT, create_model
 from ofq_jax.models.dtypes import param_dtype
+from ofq_jax.models.rounded import rounded_tensors
 from ofq_jax.models.layers import PatchEmbed, QDense
 
 STATSQ_CLIP_VAL = 2.0
@@ -41,19 +42,10 @@ def _quantized_modules(model: nnx.Module) -> list[str]:
 
 
 def reference_buffers(model: nnx.Module) -> dict[str, np.ndarray]:
-  """The reference's StatsQ ``clip_val`` buffers that ofq_jax does not store
-  (in the model's floating dtype)."""
+  """The reference's StatsQ ``clip_val`` buffers that ofq_jax does not store (one per
+  StatsQ-rounded tensor, in the model's floating dtype)."""
   clip = np.array([STATSQ_CLIP_VAL], _state_dtype(model))
-  buffers = {}
-  for path, module in nnx.iter_modules(model):
-    prefix = dotted(path)
-    if isinstance(module, QDense) and module.spec.quantize_weights and (
-        module.spec.weight_method == "statsq"):
-      buffers[f"{prefix}.statsq_fn.clip_val"] = clip
-    elif isinstance(module, QKRAttention) and module.spec.quantize_weights:
-      buffers[f"{prefix}.qk_quant.clip_val"] = clip
-      buffers[f"{prefix}.v_quant.clip_val"] = clip
-  return buffers
+  return {statsq_clip_key(t): clip for t in rounded_tensors(model) if t.method == "statsq"}
 
 
 def _state_dtype(model: nnx.Module) -> np.dtype:

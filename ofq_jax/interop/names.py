@@ -136,3 +136,13 @@ def state_to_torch(state: nnx.State) -> dict[str, Array]:
     value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
     out[entry.key] = entry.to_torch(np.asarray(value))
   return out
+
+
+# The reference's StatsQ module holding each rounded tensor's fixed clip_val buffer.
+_STATSQ_MODULES = {"kernel": "statsq_fn", "qk_product": "qk_quant", "v_kernel": "v_quant"}
+
+
+def statsq_clip_key(tensor: Any) -> str:
+  """Reference key of the ``clip_val`` buffer of a StatsQ-rounded tensor
+  (``ofq_jax.models.rounded.RoundedTensor``)."""
+  return f"{dotted(tensor.path)}.{_STATSQ_MODULES[tensor.attr]}.clip_val"

@@ -12,8 +12,9 @@ from flax import nnx
 
 from ofq_jax.models.layers import Precision, QDense, default_kernel_init, dense, move_bias
 from ofq_jax.models.quantizers import LsqQuantizer
+from ofq_jax.models.rounded import Rounds, RoundsTensors
+from ofq_jax.quant.rounding import Rounding
 from ofq_jax.quant.rules import QuantSpec
-from ofq_jax.quant.statsq import statsq_quantize
 
 
 def _maybe_lsq(enabled: bool, bits: int | None, grad_batch: int | None):
@@ -79,7 +80,7 @@ class StandardAttention(nnx.Module):
     return self.proj(jnp.reshape(jnp.transpose(out, (0, 2, 1, 3)), (batch, tokens, dim)))
 
 
-class QKRAttention(nnx.Module):
+class QKRAttention(nnx.Module, RoundsTensors):
   """Query-key reparameterized attention (spec 3.5, the released OFQ recipe).
 
   Per head the product ``W_qk[h] = W_q,h^T W_k,h`` (D x D) is StatsQ-quantized
@@ -124,6 +125,17 @@ class QKRAttention(nnx.Module):
       self.move_qkx_b4 = move_bias(num_heads * dim)
       self.move_qkx_aft = move_bias(num_heads * dim)
 
+  def rounds(self) -> tuple[Rounds, ...]:
+    if not self.spec.quantize_weights:
+      return ()
+    bits = self.spec.weight_bits
+    return (Rounds("v_kernel", Rounding("statsq", bits, (0,)), param="v_kernel"),
+            # One scale per (head, row) of the (H, D, D) product; derived, no parameter.
+            Rounds("qk_product", Rounding("statsq", bits, (2,)), param=None))
+
+  def value(self, name: str) -> jax.Array:
+    return self.qk_product() if name == "qk_product" else super().value(name)
+
   def qk_product(self) -> jax.Array:
     """``W_qk`` as ``(H, D, D)``: ``[h, r, c] = sum_e W_q[h*d+e, r] W_k[h*d+e, c]``."""
     dim = self.q_kernel.shape[0]
@@ -132,10 +144,7 @@ class QKRAttention(nnx.Module):
     return jnp.einsum("rhe,che->hrc", wq, wk, precision=self.precision)
 
   def quantized_qk_product(self) -> jax.Array:
-    wqk = self.qk_product()
-    if self.spec.quantize_weights:
-      wqk = statsq_quantize(wqk, self.spec.weight_bits, (2,))
-    return wqk
+    return self.rounded("qk_product") if self.spec.quantize_weights else self.qk_product()
 
   def __call__(self, x: jax.Array) -> jax.Array:
     batch, tokens, dim = x.shape
@@ -143,9 +152,7 @@ class QKRAttention(nnx.Module):
     acts = self.input_quant is not None
     xq = self.input_quant(x + self.move_b4[...]) + self.move_aft[...] if acts else x
 
-    v_kernel = self.v_kernel[...]
-    if self.spec.quantize_weights:
-      v_kernel = statsq_quantize(v_kernel, self.spec.weight_bits, (0,))
+    v_kernel = self.rounded("v_kernel") if self.spec.quantize_weights else self.v_kernel[...]
     v = dense(xq, v_kernel, self.precision) + self.v_bias[...]
     if acts:
       v = self.v_quant(v + self.move_v_b4[...]) + self.move_v_aft[...]

@@ -14,8 +14,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ofq_jax.models.quantizers import ImageQuantizer, LsqQuantizer
+from ofq_jax.models.rounded import Rounds, RoundsTensors
+from ofq_jax.quant.rounding import weight_rounding
 from ofq_jax.quant.rules import QuantSpec
-from ofq_jax.quant.statsq import statsq_quantize
 
 Precision = jax.lax.Precision | str | None
 
@@ -54,14 +55,28 @@ def move_bias(size: int | tuple[int, ...]) -> nnx.Param:
   return nnx.Param(jnp.zeros(size if isinstance(size, tuple) else (size,), jnp.float32))
 
 
-def lsq_weight_quantizer(bits: int, kernel_shape: tuple[int, ...]) -> LsqQuantizer:
-  """LSQ for a kernel: signed, one step per output unit (the last axis)."""
-  out_axis = len(kernel_shape) - 1
-  return LsqQuantizer(bits, signed=True, step_shape=(kernel_shape[-1],),
-                      keep_axes=(out_axis,), batch_axis=None)
+def kernel_rounds(spec: QuantSpec, kernel_shape: tuple[int, ...]) -> tuple[Rounds, ...]:
+  """A kernel's declaration: one scale per output unit (the last axis), or nothing."""
+  if not spec.quantize_weights:
+    return ()
+  rounding = weight_rounding(spec.weight_method, spec.weight_bits, len(kernel_shape))
+  holder = "weight_quant" if spec.weight_method == "lsq" else None
+  return (Rounds("kernel", rounding, param="kernel", holder=holder),)
 
 
-class QDense(nnx.Module):
+def lsq_weight_quantizer(rounds: tuple[Rounds, ...], kernel_shape: tuple[int, ...]
+                         ) -> LsqQuantizer | None:
+  """The holder of an LSQ kernel's learned steps, built from its declaration."""
+  if not rounds or rounds[0].holder is None:
+    return None
+  rounding = rounds[0].rounding
+  keep_axes = rounding.keep_axes(len(kernel_shape))
+  return LsqQuantizer(rounding.bits, signed=rounding.signed,
+                      step_shape=tuple(kernel_shape[a] for a in keep_axes),
+                      keep_axes=keep_axes, batch_axis=None)
+
+
+class QDense(nnx.Module, RoundsTensors):
   """Dense layer ``y = Q_a(x + b_pre) + b_post) @ Q_w(W) + b`` (spec 3.2, 3.6, 3.7).
 
   Args:
@@ -81,9 +96,7 @@ class QDense(nnx.Module):
     self.precision = precision
     self.kernel = nnx.Param(default_kernel_init(rngs.params(), (in_features, out_features)))
     self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32))
-    lsq_weights = spec.quantize_weights and spec.weight_method == "lsq"
-    self.weight_quant = (lsq_weight_quantizer(spec.weight_bits, (in_features, out_features))
-                         if lsq_weights else None)
+    self.weight_quant = lsq_weight_quantizer(self.rounds(), (in_features, out_features))
     self.input_quant = (LsqQuantizer(spec.act_bits, signed=input_signed,
                                      step_shape=input_step_shape, keep_axes=input_keep_axes,
                                      grad_batch=grad_batch) if spec.quantize_acts else None)
@@ -91,14 +104,12 @@ class QDense(nnx.Module):
       self.move_b4 = move_bias(in_features)
       self.move_aft = move_bias(in_features)
 
+  def rounds(self) -> tuple[Rounds, ...]:
+    return kernel_rounds(self.spec, self.kernel.shape)
+
   def quantized_kernel(self) -> jax.Array:
     """The kernel the forward pass multiplies with."""
-    kernel = self.kernel[...]
-    if not self.spec.quantize_weights:
-      return kernel
-    if self.weight_quant is not None:
-      return self.weight_quant(kernel)
-    return statsq_quantize(kernel, self.spec.weight_bits, (0,))
+    return self.rounded("kernel") if self.spec.quantize_weights else self.kernel[...]
 
   def quantize_input(self, x: jax.Array) -> jax.Array:
     if self.input_quant is None:
@@ -111,7 +122,7 @@ class QDense(nnx.Module):
     return dense(x, kernel, self.precision) + self.bias[...]
 
 
-class PatchEmbed(nnx.Module):
+class PatchEmbed(nnx.Module, RoundsTensors):
   """Non-overlapping conv patchify; W8A8 with per-pixel move biases when quantized.
 
   Tokens are the conv output flattened row-major, as timm does. The image
@@ -133,21 +144,21 @@ class PatchEmbed(nnx.Module):
       raise ValueError("The patch embedding supports LSQ weights only (reference: W8 "
                        f"LSQ per output channel); rule gave {spec.weight_method!r}. "
                        "Use e.g. 'patch_embed\\.proj=w8a8:lsq' or 'float'.")
-    self.weight_quant = (lsq_weight_quantizer(spec.weight_bits, shape)
-                         if spec.quantize_weights else None)
+    self.weight_quant = lsq_weight_quantizer(self.rounds(), shape)
     self.input_quant = (ImageQuantizer(spec.act_bits, in_chans, grad_batch=grad_batch)
                         if spec.quantize_acts else None)
     if spec.quantize_acts:
       self.move_b4 = move_bias(img_size * img_size)
       self.move_aft = move_bias(img_size * img_size)
 
+  def rounds(self) -> tuple[Rounds, ...]:
+    return kernel_rounds(self.spec, self.kernel.shape)
+
   def _pixel_bias(self, bias: nnx.Param) -> jax.Array:
     return jnp.reshape(bias[...], (self.img_size, self.img_size, 1))
 
   def __call__(self, images: jax.Array) -> jax.Array:
-    kernel = self.kernel[...]
-    if self.weight_quant is not None:
-      kernel = self.weight_quant(kernel)
+    kernel = self.rounded("kernel") if self.spec.quantize_weights else self.kernel[...]
     x = images
     if self.input_quant is not None:
       x = self.input_quant(x + self._pixel_bias(self.move_b4)) + self._pixel_bias(self.move_aft)

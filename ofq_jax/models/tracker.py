@@ -15,7 +15,6 @@ carries just the update.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
@@ -24,12 +23,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from ofq_jax.models.attention import QKRAttention
-from ofq_jax.models.layers import PatchEmbed, QDense
-from ofq_jax.quant.lsq import floored_step, lsq_levels, lsq_range
+from ofq_jax.models import rounded
 from ofq_jax.quant.oscillation import OscillationState, init_oscillation, update_oscillation
-from ofq_jax.quant.shapes import keep_axes_shape
-from ofq_jax.quant.statsq import statsq_levels, statsq_scale
 
 
 def tracking_config(**overrides: Any) -> ml_collections.ConfigDict:
@@ -49,63 +44,23 @@ class OscillationVar(nnx.Variable):
   """Oscillation tracker state: not trained, checkpointed, sharded like its weight."""
 
 
-@dataclasses.dataclass(frozen=True)
-class QuantizedWeight:
-  """A weight tensor the forward pass rounds, and how it is rounded."""
-  name: str  # metric name, e.g. 'blocks.0.mlp.fc1.kernel', 'blocks.0.attn.qk_product'
-  path: tuple[str | int, ...]  # path of the owning module
-  attr: str  # 'kernel', 'v_kernel' or 'qk_product'
-  method: str  # 'statsq' or 'lsq'
-  bits: int
+QuantizedWeight = rounded.RoundedTensor
+"""A tensor the forward pass rounds (``ofq_jax.models.rounded``); kept under its old name."""
 
 
-def quantized_weights(model: nnx.Module) -> tuple[QuantizedWeight, ...]:
-  """Every quantized weight tensor of ``model``, in module order."""
-  found = []
-  for path, module in nnx.iter_modules(model):
-    spec = getattr(module, "spec", None)
-    if spec is None or not spec.quantize_weights:
-      continue
-    path = tuple(path)
-    if isinstance(module, (QDense, PatchEmbed)):
-      attrs = ("kernel",)
-    elif isinstance(module, QKRAttention):
-      attrs = ("v_kernel", "qk_product")
-    else:
-      continue
-    for attr in attrs:
-      name = ".".join(str(p) for p in path + (attr,))
-      found.append(QuantizedWeight(name, path, attr, spec.weight_method, spec.weight_bits))
-  return tuple(found)
+def quantized_weights(model: nnx.Module) -> tuple[rounded.RoundedTensor, ...]:
+  """Every weight tensor ``model`` rounds, in module order (the layers' declarations)."""
+  return rounded.rounded_tensors(model)
 
 
-def _tensor(module: nnx.Module, weight: QuantizedWeight) -> tuple[jax.Array, tuple[int, ...]]:
-  """The tensor that is rounded and its StatsQ reduce axes."""
-  if weight.attr == "qk_product":
-    return module.qk_product(), (2,)  # one scale per (head, row)
-  return getattr(module, weight.attr)[...], (0,)
-
-
-def _lsq_step(module: nnx.Module, x: jax.Array) -> jax.Array:
-  quant = module.weight_quant
-  return jnp.reshape(quant.step[...], keep_axes_shape(x.shape, quant.keep_axes))
-
-
-def weight_levels(module: nnx.Module, weight: QuantizedWeight) -> jax.Array:
+def weight_levels(module: nnx.Module, weight: rounded.RoundedTensor) -> jax.Array:
   """Integer level of every entry, as the forward pass rounds it."""
-  x, reduce_axes = _tensor(module, weight)
-  if weight.method == "statsq":
-    return statsq_levels(x, weight.bits, reduce_axes)
-  qn, qp = lsq_range(module.weight_quant.bits, True)
-  return lsq_levels(x, _lsq_step(module, x), qn, qp)
+  return rounded.levels(module, weight)
 
 
-def weight_scale(module: nnx.Module, weight: QuantizedWeight) -> jax.Array:
+def weight_scale(module: nnx.Module, weight: rounded.RoundedTensor) -> jax.Array:
   """Per-output-channel scale, flattened: StatsQ's ``2 mean|w|`` or LSQ's learned step."""
-  x, reduce_axes = _tensor(module, weight)
-  if weight.method == "statsq":
-    return jnp.reshape(statsq_scale(x, reduce_axes), (-1,))
-  return jnp.reshape(floored_step(_lsq_step(module, x)), (-1,))
+  return rounded.scale(module, weight)
 
 
 def _modules(model: nnx.Module) -> dict[tuple[str | int, ...], nnx.Module]:

@@ -1,0 +1,71 @@
+"""How one tensor is rounded: a small record that wraps statsq.py / lsq.py (no new maths).
+
+A layer declares each tensor it rounds with a ``Rounding`` (``ofq_jax.models.rounded``);
+its forward pass, the oscillation tracker, CGA's target discovery and the checkpoint
+guards all read the same record, so "which axes share a scale" is written once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from ofq_jax.quant.lsq import floored_step, lsq_levels, lsq_quantize, lsq_range
+from ofq_jax.quant.shapes import keep_axes_shape, reduce_axes_for
+from ofq_jax.quant.statsq import statsq_levels, statsq_quantize, statsq_scale
+
+METHODS = ("statsq", "lsq")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rounding:
+  """``method`` at ``bits``; ``reduce_axes`` are the axes that share one scale.
+
+  StatsQ's scale is the statistic ``2 mean|w|`` over ``reduce_axes``; LSQ's is a
+  learned step indexed by the other axes (its ``keep_axes``), passed as ``step``.
+  """
+  method: str
+  bits: int
+  reduce_axes: tuple[int, ...]
+  signed: bool = True
+
+  def __post_init__(self):
+    if self.method not in METHODS:
+      raise ValueError(f"Rounding method {self.method!r} is not one of {METHODS}.")
+
+  def keep_axes(self, ndim: int) -> tuple[int, ...]:
+    """The axes that index the scale (LSQ's ``keep_axes``)."""
+    reduce = {a % ndim for a in self.reduce_axes}
+    return tuple(a for a in range(ndim) if a not in reduce)
+
+  def _step(self, x: jax.Array, step: jax.Array | None) -> jax.Array:
+    if step is None:
+      raise ValueError("LSQ rounding needs its learned step.")
+    return jnp.reshape(step, keep_axes_shape(x.shape, self.keep_axes(x.ndim)))
+
+  def apply(self, x: jax.Array, step: jax.Array | None = None) -> jax.Array:
+    """The fake-quantized tensor, with the method's straight-through gradient."""
+    if self.method == "statsq":
+      return statsq_quantize(x, self.bits, self.reduce_axes)
+    return lsq_quantize(x, step, bits=self.bits, signed=self.signed,
+                        keep_axes=self.keep_axes(x.ndim), batch_axis=None)
+
+  def levels(self, x: jax.Array, step: jax.Array | None = None) -> jax.Array:
+    """The integer level of every entry, as ``apply`` rounds it."""
+    if self.method == "statsq":
+      return statsq_levels(x, self.bits, self.reduce_axes)
+    qn, qp = lsq_range(self.bits, self.signed)
+    return lsq_levels(x, self._step(x, step), qn, qp)
+
+  def scale(self, x: jax.Array, step: jax.Array | None = None) -> jax.Array:
+    """The per-channel scale, flattened: StatsQ's ``2 mean|w|`` or LSQ's floored step."""
+    if self.method == "statsq":
+      return jnp.reshape(statsq_scale(x, self.reduce_axes), (-1,))
+    return jnp.reshape(floored_step(self._step(x, step)), (-1,))
+
+
+def weight_rounding(method: str, bits: int, ndim: int, out_axis: int = -1) -> Rounding:
+  """A kernel's rounding: one scale per output unit (all other axes reduced)."""
+  return Rounding(method, bits, reduce_axes_for(ndim, (out_axis,)))
