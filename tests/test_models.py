@@ -112,6 +112,27 @@ def test_rules_assign_bits_per_layer():
   assert float_fc1 == {("kernel",), ("bias",)}
 
 
+def test_lsq_grad_batch_reaches_every_activation_quantizer():
+  """quant.lsq_grad_batch = 1 on a batch of 4 multiplies every activation step gradient
+  by sqrt(4 / 1) (g = 1/sqrt(Qp*M), M counting the batch), user rules included; weight
+  steps (no batch axis) keep theirs."""
+  def step_grads(grad_batch):
+    model = create_model(tiny(enabled=True, attention="standard", weight_method="lsq",
+                              weight_bits=2, act_bits=2, lsq_grad_batch=grad_batch,
+                              rules=(r"blocks\.1\.mlp\.fc1=w4a4:lsq",)))
+    calibrate(model, IMAGES)
+    grads = nnx.grad(lambda m: jnp.sum(m(IMAGES) ** 2))(model)
+    return {"/".join(map(str, k)): np.asarray(v) for k, v in nnx.to_flat_state(grads)
+            if k[-1] == "step"}
+  base, one = step_grads(None), step_grads(1)
+  activation = [k for k in base if "weight_quant" not in k]
+  assert "blocks/1/mlp/fc1/input_quant/step" in activation  # from the user rule
+  assert "patch_embed/input_quant/step" in activation  # the image quantizer
+  for key in base:
+    ratio = 2.0 if key in activation else 1.0
+    np.testing.assert_allclose(one[key], base[key] * ratio, rtol=1e-5, atol=1e-12, err_msg=key)
+
+
 def test_rule_parsing():
   assert parse_spec("float") == FLOAT
   assert parse_spec("W3A4:LSQ") == QuantSpec(3, 4, "lsq")

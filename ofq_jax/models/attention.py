@@ -17,10 +17,12 @@ from ofq_jax.quant.rounding import Rounding
 from ofq_jax.quant.rules import QuantSpec
 
 
-def _maybe_lsq(enabled: bool, bits: int | None, grad_batch: int | None):
-  """A factory of activation LSQ quantizers, or of ``None`` when acts stay float."""
+def _maybe_lsq(spec: QuantSpec):
+  """A factory of ``spec``'s activation LSQ quantizers, or of ``None`` when acts stay float."""
   def make(**kwargs) -> LsqQuantizer | None:
-    return LsqQuantizer(bits, grad_batch=grad_batch, **kwargs) if enabled else None
+    if not spec.quantize_acts:
+      return None
+    return LsqQuantizer(spec.act_bits, grad_batch=spec.grad_batch, **kwargs)
   return make
 
 
@@ -39,17 +41,14 @@ class StandardAttention(nnx.Module):
   """
 
   def __init__(self, dim: int, num_heads: int, *, spec: QuantSpec, proj_spec: QuantSpec,
-               num_tokens: int, rngs: nnx.Rngs, grad_batch: int | None = None,
-               precision: Precision = "highest"):
+               num_tokens: int, rngs: nnx.Rngs, precision: Precision = "highest"):
     self.num_heads = num_heads
     self.head_dim = dim // num_heads
     self.precision = precision
-    dense = dict(rngs=rngs, input_step_shape=(num_tokens,), grad_batch=grad_batch,
-                 precision=precision)
+    dense = dict(rngs=rngs, input_step_shape=(num_tokens,), precision=precision)
     self.qkv = QDense(dim, 3 * dim, spec=spec, **dense)
     self.proj = QDense(dim, dim, spec=proj_spec, **dense)
-    bits = spec.act_bits
-    lsq = _maybe_lsq(spec.quantize_acts, bits, grad_batch)
+    lsq = _maybe_lsq(spec)
     self.q_quant = lsq(signed=True, step_shape=(num_tokens,), keep_axes=(1,))
     self.k_quant = lsq(signed=True, step_shape=(num_tokens,), keep_axes=(1,))
     self.v_quant = lsq(signed=True, step_shape=(dim,), keep_axes=(2,))
@@ -91,8 +90,8 @@ class QKRAttention(nnx.Module, RoundsTensors):
   """
 
   def __init__(self, dim: int, num_heads: int, *, spec: QuantSpec, proj_spec: QuantSpec,
-               num_tokens: int, rngs: nnx.Rngs, grad_batch: int | None = None,
-               qk_bias: str = "drop", precision: Precision = "highest"):
+               num_tokens: int, rngs: nnx.Rngs, qk_bias: str = "drop",
+               precision: Precision = "highest"):
     if spec.quantize_weights and spec.weight_method != "statsq":
       raise ValueError("attention='qkr' quantizes W_q^T W_k with StatsQ only; got weight "
                        f"method {spec.weight_method!r}. Use attention='standard' for LSQ "
@@ -111,8 +110,8 @@ class QKRAttention(nnx.Module, RoundsTensors):
     self.key_bias = (nnx.Param(jnp.zeros((num_heads, dim), jnp.float32))
                      if qk_bias == "fold" else None)
     self.proj = QDense(dim, dim, spec=proj_spec, rngs=rngs, input_step_shape=(num_tokens,),
-                       grad_batch=grad_batch, precision=precision)
-    lsq = _maybe_lsq(spec.quantize_acts, spec.act_bits, grad_batch)
+                       precision=precision)
+    lsq = _maybe_lsq(spec)
     self.input_quant = lsq(signed=True, step_shape=(num_tokens,), keep_axes=(1,))
     self.qkx_quant = lsq(signed=True, step_shape=(num_tokens, num_heads), keep_axes=(1, 2))
     self.v_quant = lsq(signed=True, step_shape=(dim,), keep_axes=(2,))

@@ -132,7 +132,6 @@ class Block(nnx.Module):
                rngs: nnx.Rngs):
     dim, eps = config.embed_dim, config.layer_norm_eps
     tokens = num_tokens(config)
-    grad_batch = config.quant.lsq_grad_batch
     prefix = f"blocks.{index}"
     norm = dict(epsilon=eps, use_fast_variance=False, rngs=rngs)
     self.norm1 = nnx.LayerNorm(dim, **norm)
@@ -141,11 +140,11 @@ class Block(nnx.Module):
     extra = dict(qk_bias=config.quant.qk_bias) if attn_cls is QKRAttention else {}
     self.attn = attn_cls(dim, config.num_heads, spec=rules(f"{prefix}.attn"),
                          proj_spec=rules(f"{prefix}.attn.proj"), num_tokens=tokens, rngs=rngs,
-                         grad_batch=grad_batch, precision=config.precision, **extra)
+                         precision=config.precision, **extra)
     self.norm2 = nnx.LayerNorm(dim, **norm)
     self.mlp = Mlp(dim, int(dim * config.mlp_ratio), fc1_spec=rules(f"{prefix}.mlp.fc1"),
                    fc2_spec=rules(f"{prefix}.mlp.fc2"), num_tokens=tokens, rngs=rngs,
-                   grad_batch=grad_batch, precision=config.precision)
+                   precision=config.precision)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x + self.attn(self.norm1(x))
@@ -162,10 +161,9 @@ class DeiT(nnx.Module):
     rules = QuantRules.from_config(config.quant)
     dim = config.embed_dim
     tokens = num_tokens(config)
-    grad_batch = config.quant.lsq_grad_batch
     self.patch_embed = PatchEmbed(config.img_size, config.patch_size, config.in_chans, dim,
                                   spec=rules("patch_embed.proj"), rngs=rngs,
-                                  grad_batch=grad_batch, precision=config.precision)
+                                  precision=config.precision)
     token_init = nnx.initializers.truncated_normal(stddev=0.02)
     self.cls_token = nnx.Param(token_init(rngs.params(), (1, 1, dim)))
     self.dist_token = (nnx.Param(token_init(rngs.params(), (1, 1, dim)))
@@ -174,8 +172,7 @@ class DeiT(nnx.Module):
     self.blocks = nnx.List([Block(config, i, rules, rngs) for i in range(config.depth)])
     self.norm = nnx.LayerNorm(dim, epsilon=config.layer_norm_eps, use_fast_variance=False,
                               rngs=rngs)
-    head = dict(rngs=rngs, input_keep_axes=(), input_step_shape=(1,), grad_batch=grad_batch,
-                precision=config.precision)
+    head = dict(rngs=rngs, input_keep_axes=(), input_step_shape=(1,), precision=config.precision)
     self.head = QDense(dim, config.num_classes, spec=rules("head"), **head)
     self.head_dist = (QDense(dim, config.num_classes, spec=rules("head_dist"), **head)
                       if self.distilled else None)

@@ -85,12 +85,11 @@ class QDense(nnx.Module, RoundsTensors):
     input_signed: sign of the input quantizer (``fc2`` after GELU is unsigned).
     input_keep_axes, input_step_shape: granularity of the input step: per token
       ``(1,)``/``(N,)`` on ``(B, N, C)``; per tensor ``()``/``(1,)`` for heads.
-    grad_batch: batch size for the LSQ gradient scale (``None``: the batch seen).
   """
 
   def __init__(self, in_features: int, out_features: int, *, spec: QuantSpec, rngs: nnx.Rngs,
                input_signed: bool = True, input_keep_axes: tuple[int, ...] = (1,),
-               input_step_shape: tuple[int, ...] = (1,), grad_batch: int | None = None,
+               input_step_shape: tuple[int, ...] = (1,),
                precision: Precision = "highest"):
     self.spec = spec
     self.precision = precision
@@ -99,7 +98,8 @@ class QDense(nnx.Module, RoundsTensors):
     self.weight_quant = lsq_weight_quantizer(self.rounds(), (in_features, out_features))
     self.input_quant = (LsqQuantizer(spec.act_bits, signed=input_signed,
                                      step_shape=input_step_shape, keep_axes=input_keep_axes,
-                                     grad_batch=grad_batch) if spec.quantize_acts else None)
+                                     grad_batch=spec.grad_batch)
+                        if spec.quantize_acts else None)
     if spec.quantize_acts:
       self.move_b4 = move_bias(in_features)
       self.move_aft = move_bias(in_features)
@@ -131,7 +131,7 @@ class PatchEmbed(nnx.Module, RoundsTensors):
   """
 
   def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int, *,
-               spec: QuantSpec, rngs: nnx.Rngs, grad_batch: int | None = None,
+               spec: QuantSpec, rngs: nnx.Rngs,
                precision: Precision = "highest"):
     self.spec = spec
     self.patch_size = patch_size
@@ -145,7 +145,7 @@ class PatchEmbed(nnx.Module, RoundsTensors):
                        f"LSQ per output channel); rule gave {spec.weight_method!r}. "
                        "Use e.g. 'patch_embed\\.proj=w8a8:lsq' or 'float'.")
     self.weight_quant = lsq_weight_quantizer(self.rounds(), shape)
-    self.input_quant = (ImageQuantizer(spec.act_bits, in_chans, grad_batch=grad_batch)
+    self.input_quant = (ImageQuantizer(spec.act_bits, in_chans, grad_batch=spec.grad_batch)
                         if spec.quantize_acts else None)
     if spec.quantize_acts:
       self.move_b4 = move_bias(img_size * img_size)
@@ -177,10 +177,8 @@ class Mlp(nnx.Module):
   """fc1 -> exact (erf) GELU -> fc2; fc2's input quantizer is unsigned (spec 3.3)."""
 
   def __init__(self, dim: int, hidden: int, *, fc1_spec: QuantSpec, fc2_spec: QuantSpec,
-               num_tokens: int, rngs: nnx.Rngs, grad_batch: int | None = None,
-               precision: Precision = "highest"):
-    common = dict(rngs=rngs, input_step_shape=(num_tokens,), grad_batch=grad_batch,
-                  precision=precision)
+               num_tokens: int, rngs: nnx.Rngs, precision: Precision = "highest"):
+    common = dict(rngs=rngs, input_step_shape=(num_tokens,), precision=precision)
     self.fc1 = QDense(dim, hidden, spec=fc1_spec, input_signed=True, **common)
     self.fc2 = QDense(hidden, dim, spec=fc2_spec, input_signed=False, **common)
 

@@ -32,6 +32,9 @@ class QuantSpec:
   weight_bits: int | None = None
   act_bits: int | None = None
   weight_method: str = "statsq"
+  # Batch size in every LSQ activation step's gradient scale 1/sqrt(Qp*M) (spec 7.6);
+  # None: the batch the quantizer sees. Set for every rule from quant.lsq_grad_batch.
+  grad_batch: int | None = None
 
   def __post_init__(self):
     if self.weight_bits is not None:
@@ -120,5 +123,8 @@ class QuantRules:
     if not quant.enabled:
       return cls([])
     user: Sequence[Any] = tuple(quant.get("rules", ()) or ())
-    return cls([parse_rule(r) for r in user] +
-               default_rules(quant.weight_bits, quant.act_bits, quant.weight_method))
+    rules = [parse_rule(r) for r in user] + default_rules(
+        quant.weight_bits, quant.act_bits, quant.weight_method)
+    grad_batch = quant.get("lsq_grad_batch")
+    return cls([(pattern, dataclasses.replace(spec, grad_batch=grad_batch))
+                for pattern, spec in rules])
