@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ofq_jax import optim, sharding, train
+from ofq_jax import losses, optim, sharding, train
 from ofq_jax.models import calibrate, create_model, model_config
 from ofq_jax.models.quantizers import QuantBuffer
 from ofq_jax.models.tracker import OscillationTracker
@@ -79,9 +79,9 @@ def main(argv=None) -> dict:
       run_sh["tracker"] = replicated(tracker_state)
       run_state["tracker"] = train.tracker_start_fn(
           graphdef, tracker_graphdef, tracker_state, run_sh["tracker"])(params, buffers)
-    step = train.make_train_step(graphdef, tx, schedule, mesh=mesh, state_shardings=run_sh,
-                                 teacher_graphdef=teacher_graphdef,
-                                 teacher_shardings=teacher_sh, num_classes=1000,
+    loss = losses.stage_loss(distill=True, num_classes=1000)
+    step = train.make_train_step(graphdef, tx, schedule, loss, mesh=mesh,
+                                 state_shardings=run_sh, teacher=(teacher_graphdef, teacher_sh),
                                  tracker_graphdef=tracker_graphdef)
     start = time.perf_counter()
     compiled = step.lower(run_state, batch, teacher_state).compile()

@@ -1,6 +1,10 @@
-"""Losses of the three stages (spec 5.1)."""
+"""Losses of the three stages (spec 5.1), over the model's train-mode ``Logits``."""
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -44,3 +48,41 @@ def kd_loss(cls_logits: jax.Array, dist_logits: jax.Array, teacher_logits: jax.A
   return (soft_cross_entropy(dist_logits, teacher_logits) +
           classification_loss(cls_logits, labels, num_classes=num_classes,
                               label_smoothing=label_smoothing, soft_targets=soft_targets))
+
+
+TEACHER_LOGITS = ("cls", "avg")
+
+
+def _targets(batch: dict[str, Any], num_classes: int, label_smoothing: float) -> dict:
+  return dict(num_classes=num_classes, label_smoothing=label_smoothing,
+              soft_targets=batch.get("label_soft"))  # mixup / cutmix targets
+
+
+def float_loss(out, batch: dict[str, Any], *, num_classes: int,
+               label_smoothing: float = 0.0) -> jax.Array:
+  """The float stage: CE on both heads, averaged (``out`` is the model's ``Logits``)."""
+  targets = _targets(batch, num_classes, label_smoothing)
+  ce = lambda logits: classification_loss(logits, batch["label"], **targets)
+  return 0.5 * (ce(out.cls) + ce(out.dist))
+
+
+def distill_loss(out, batch: dict[str, Any], teacher, *, teacher_logits: str = "cls",
+                 num_classes: int, label_smoothing: float = 0.0) -> jax.Array:
+  """QAT and CGA: ``kd_loss`` against the teacher's cls head (the reference, item 7.4)
+  or, with ``teacher_logits='avg'``, the mean of its two heads."""
+  soft = teacher.cls if teacher_logits == "cls" else (teacher.cls + teacher.dist) / 2
+  return kd_loss(out.cls, out.dist, jax.lax.stop_gradient(soft), batch["label"],
+                 **_targets(batch, num_classes, label_smoothing))
+
+
+def stage_loss(*, distill: bool, num_classes: int, label_smoothing: float = 0.0,
+               teacher_logits: str = "cls") -> Callable[..., jax.Array]:
+  """The loss of a stage with its options bound: ``float_loss`` or, with a teacher,
+  ``distill_loss`` (``teacher_logits`` checked here, before any work starts)."""
+  options = dict(num_classes=num_classes, label_smoothing=label_smoothing)
+  if not distill:
+    return functools.partial(float_loss, **options)
+  if teacher_logits not in TEACHER_LOGITS:
+    raise ValueError(f"kd.teacher_logits={teacher_logits!r} is not one of {TEACHER_LOGITS}; "
+                     "'cls' is the reference (its teacher's cls head), 'avg' both heads.")
+  return functools.partial(distill_loss, teacher_logits=teacher_logits, **options)

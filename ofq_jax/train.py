@@ -426,14 +426,15 @@ class _Stage:
 
   def _train_step_fn(self, graphdef, tx, schedule, teacher_graphdef, cga_bits, state_sh,
                      teacher_sh, tracker_graphdef):
-    return make_train_step(
-        graphdef, tx, schedule, mesh=self.mesh, state_shardings=state_sh,
-        teacher_graphdef=teacher_graphdef, teacher_shardings=teacher_sh,
-        tracker_graphdef=tracker_graphdef,
-        num_classes=self.model_cfg.num_classes,
-        label_smoothing=self.config.get("label_smoothing", 0.0),
-        teacher_logits=self.config.kd.teacher_logits, cga_bits=cga_bits,
-        boundary_range=self.scfg.get("boundary_range", 0.0))
+    loss = losses.stage_loss(distill=teacher_graphdef is not None,
+                             num_classes=self.model_cfg.num_classes,
+                             label_smoothing=self.config.get("label_smoothing", 0.0),
+                             teacher_logits=self.config.kd.teacher_logits)
+    teacher = None if teacher_graphdef is None else (teacher_graphdef, teacher_sh)
+    return make_train_step(graphdef, tx, schedule, loss, mesh=self.mesh,
+                           state_shardings=state_sh, teacher=teacher,
+                           tracker_graphdef=tracker_graphdef, cga_bits=cga_bits,
+                           boundary_range=self.scfg.get("boundary_range", 0.0))
 
   def _log_eval(self, writer, progress, step, graphdef, state) -> dict[str, float]:
     if self._eval_step is None:
@@ -456,39 +457,30 @@ def tracker_start_fn(graphdef, tracker_graphdef, template, out_sharding):
   return jax.jit(start, out_shardings=out_sharding)
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
-                    mesh, state_shardings, teacher_graphdef=None, teacher_shardings=None,
-                    tracker_graphdef=None, num_classes: int, label_smoothing: float = 0.0,
-                    teacher_logits: str = "cls", cga_bits=None, boundary_range: float = 0.0):
+def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    loss, *, mesh, state_shardings, teacher=None, tracker_graphdef=None,
+                    cga_bits=None, boundary_range: float = 0.0):
   """The jitted train step ``(state, batch[, teacher_state]) -> (state, metrics)``.
 
   ``state`` is ``{"params", "buffers", "opt_state", "step"}`` (plus ``"tracker"``, the
-  oscillation tracker's state, with ``tracker_graphdef``). Without a teacher the
-  loss is CE on both heads (float stage); with one it is the reference KD loss (soft
-  CE of the dist head against the teacher's cls logits, hard CE of the cls head). The
-  state is donated; shardings are explicit on every input and output.
+  oscillation tracker's state, with ``tracker_graphdef``). ``loss`` is the stage loss:
+  ``loss(logits, batch)`` (``losses.float_loss`` with its options bound) or, with
+  ``teacher=(graphdef, shardings)``, ``loss(logits, batch, teacher_logits)``
+  (``losses.distill_loss``). The state is donated; shardings are explicit on every
+  input and output.
   """
+  teacher_graphdef, teacher_shardings = teacher if teacher is not None else (None, None)
+
   def loss_fn(params, buffers, batch, teacher_state):
     # copy=True: fresh Variables inside this trace, so the image quantizer may update
     # its sign buffer.
     model = nnx.merge(graphdef, params, buffers, copy=True)
     outputs = model(batch["image"], train=True)
     new_buffers = nnx.state(model, QuantBuffer)
-    cls_logits, dist_logits = outputs if isinstance(outputs, tuple) else (outputs, outputs)
-    targets = dict(num_classes=num_classes, label_smoothing=label_smoothing,
-                   soft_targets=batch.get("label_soft"))  # mixup / cutmix targets
-    ce = lambda logits: losses.classification_loss(logits, batch["label"], **targets)
     if teacher_state is None:
-      return 0.5 * (ce(cls_logits) + ce(dist_logits)), new_buffers
-    teacher = nnx.merge(teacher_graphdef, teacher_state)
-    t_out = teacher(batch["image"], train=True)
-    if isinstance(t_out, tuple):
-      t_logits = t_out[0] if teacher_logits == "cls" else (t_out[0] + t_out[1]) / 2
-    else:
-      t_logits = t_out
-    loss = losses.kd_loss(cls_logits, dist_logits, jax.lax.stop_gradient(t_logits),
-                          batch["label"], **targets)
-    return loss, new_buffers
+      return loss(outputs, batch), new_buffers
+    teacher_model = nnx.merge(teacher_graphdef, teacher_state)
+    return loss(outputs, batch, teacher_model(batch["image"], train=True)), new_buffers
 
   def step_fn(state, batch, teacher_state=None):
     (loss, buffers), grads = jax.value_and_grad(loss_fn, has_aux=True)(

@@ -65,7 +65,8 @@ def test_tiny_quantized_models_train_and_eval(quant):
 def test_non_distilled_model_returns_one_head():
   model = create_model(model_config(None, embed_dim=64, depth=1, num_heads=2, patch_size=8,
                                     img_size=32, num_classes=5, distilled=False))
-  assert model(IMAGES, train=True).shape == (4, 5)
+  out = model(IMAGES, train=True)  # Logits: dist is cls without a distillation head
+  assert out.cls.shape == (4, 5) and out.dist is out.cls
   assert model.pos_embed.shape == (1, 17, 64)
 
 

@@ -18,6 +18,7 @@ from ofq_jax import cga as cga_lib
 from ofq_jax import losses, optim
 from ofq_jax.interop.names import state_path
 from ofq_jax.models import create_model, model_config
+from ofq_jax.models.deit import Logits
 from ofq_jax.models.quantizers import QuantBuffer
 
 RECIPE = dict(base_lr=5.47e-4, epochs=300, warmup_epochs=5, warmup_lr=1e-6, min_lr=1e-5)
@@ -104,6 +105,24 @@ def test_kd_loss_by_hand():
                                         jnp.asarray(labels), num_classes=5))(
                                             jnp.asarray(teacher))
   assert float(jnp.max(jnp.abs(g))) == 0.0
+
+
+def test_stage_losses_over_logits():
+  """float_loss = mean of the two heads' CE; distill_loss = kd_loss against the teacher's
+  cls head ('cls', the reference) or its heads' mean ('avg'); a typo fails up front."""
+  rng = np.random.default_rng(2)
+  out, teacher = (Logits(*(jnp.asarray(rng.normal(size=(3, 5)), jnp.float32)
+                           for _ in range(2))) for _ in range(2))
+  batch = {"label": jnp.asarray([0, 3, 4])}
+  ce = lambda x: losses.classification_loss(x, batch["label"], num_classes=5)
+  float_loss = losses.stage_loss(distill=False, num_classes=5)
+  assert float(float_loss(out, batch)) == pytest.approx(0.5 * float(ce(out.cls) + ce(out.dist)))
+  for mode, soft in (("cls", teacher.cls), ("avg", (teacher.cls + teacher.dist) / 2)):
+    loss = losses.stage_loss(distill=True, num_classes=5, teacher_logits=mode)
+    expected = losses.kd_loss(out.cls, out.dist, soft, batch["label"], num_classes=5)
+    assert float(loss(out, batch, teacher)) == pytest.approx(float(expected)), mode
+  with pytest.raises(ValueError, match="kd.teacher_logits='clss' is not one of"):
+    losses.stage_loss(distill=True, num_classes=5, teacher_logits="clss")
 
 
 def test_cga_freezes_bit_exactly_while_trainable_weights_move():

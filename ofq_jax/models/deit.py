@@ -4,12 +4,12 @@
 builds the model. ``model(images, train=False)`` takes NHWC float32 (or, with a float64
 state under ``jax_enable_x64``, float64) images and
 returns logits; a distilled model returns ``(cls + dist) / 2`` in eval mode and
-the pair ``(cls_logits, dist_logits)`` in train mode (spec 5.1, 8).
+``Logits(cls, dist)`` in train mode (spec 5.1, 8).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -151,6 +151,12 @@ class Block(nnx.Module):
     return x + self.mlp(self.norm2(x))
 
 
+class Logits(NamedTuple):
+  """Train-mode output: both heads (``dist`` is ``cls`` for a model without one)."""
+  cls: jax.Array
+  dist: jax.Array
+
+
 class DeiT(nnx.Module):
   """DeiT / distilled DeiT; quantized where ``config.quant`` rules say so."""
 
@@ -190,15 +196,15 @@ class DeiT(nnx.Module):
       x = block(x)
     return self.norm(x)
 
-  def __call__(self, images: jax.Array, *, train: bool = False
-               ) -> jax.Array | tuple[jax.Array, jax.Array]:
+  def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array | Logits:
+    """Eval: the logits (the two heads' mean when distilled); train: ``Logits``."""
     x = self.features(images)
     logits = self.head(x[:, 0])
     if self.head_dist is None:
-      return logits
+      return Logits(logits, logits) if train else logits
     dist_logits = self.head_dist(x[:, 1])
     if train:
-      return logits, dist_logits
+      return Logits(logits, dist_logits)
     return (logits + dist_logits) / 2
 
 
