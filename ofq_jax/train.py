@@ -602,6 +602,15 @@ def validate_config(config) -> None:
   for key in ("log_every_steps", "checkpoint_every_steps", "batch_size", "eval_batch_size"):
     if config[key] <= 0:
       raise ValueError(f"config.{key}={config[key]} must be positive.")
+  if any(stage in ("qat", "cga") for stage in config.stages):
+    # The quantized model's structure only (no arrays): bits, rules that match no layer
+    # and CGA targets that match no StatsQ weight fail here, not after the float stage.
+    student = nnx.eval_shape(lambda: create_model(_model_configs(config)[1]))
+    losses.stage_loss(distill=True, num_classes=config.model.num_classes,
+                      teacher_logits=config.kd.teacher_logits)
+    if "cga" in config.stages and not cga_targets(student, config.cga.targets):
+      raise ValueError(f"cga.targets={config.cga.targets!r} matches no StatsQ weight of the "
+                       "quantized model (e.g. the LSQ baseline has none to anneal).")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

@@ -134,6 +134,12 @@ def test_lsq_grad_batch_reaches_every_activation_quantizer():
     np.testing.assert_allclose(one[key], base[key] * ratio, rtol=1e-5, atol=1e-12, err_msg=key)
 
 
+def test_a_rule_matching_no_layer_is_an_error():
+  with pytest.raises(ValueError, match=r"^error: quant.rules \['blocks\\\\.9\\\\..\*'\] "
+                     r"match no layer of this model; fix the regex .*blocks.0.attn"):
+    create_model(tiny(enabled=True, rules=(r"blocks\.9\..*=float", "head=float")))
+
+
 def test_rule_parsing():
   assert parse_spec("float") == FLOAT
   assert parse_spec("W3A4:LSQ") == QuantSpec(3, 4, "lsq")

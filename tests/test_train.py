@@ -230,6 +230,21 @@ def test_batch_not_divisible_by_data_axis(tmp_path):
   assert not (tmp_path / "wd").exists()
 
 
+@pytest.mark.parametrize("overrides,match", [
+    ({"model.quant.rules": (r"blocks\.7\..*=float",)},
+     r"^error: quant.rules \['blocks\\\\.7\\\\..\*'\] match no layer"),
+    ({"cga.targets": r"blocks\.\d+\.mlp\.fc3\.kernel"}, "cga.targets=.* matches no StatsQ"),
+    ({"kd.teacher_logits": "clss"}, "kd.teacher_logits='clss' is not one of"),
+    ({"model.quant.weight_bits": 9}, "Unsupported weight bit-width 9"),
+])
+def test_quantized_stage_mistakes_fail_before_the_float_stage(tmp_path, overrides, match):
+  """The quantized model's structure is checked up front (nnx.eval_shape): nothing is
+  trained or written when a rule, a CGA target pattern or a KD option is wrong."""
+  with pytest.raises(ValueError, match=match):
+    train.train_and_evaluate(digits_config(**overrides), str(tmp_path / "wd"))
+  assert not (tmp_path / "wd").exists()
+
+
 def test_missing_teacher_file(tmp_path):
   config = digits_config(stages=("qat",))
   config.qat.teacher = str(tmp_path / "deit_tiny.pth")

@@ -182,6 +182,7 @@ class DeiT(nnx.Module):
     self.head = QDense(dim, config.num_classes, spec=rules("head"), **head)
     self.head_dist = (QDense(dim, config.num_classes, spec=rules("head_dist"), **head)
                       if self.distilled else None)
+    rules.check_all_matched()
 
   def features(self, images: jax.Array) -> jax.Array:
     """Final-normed tokens ``(B, N, D)``."""

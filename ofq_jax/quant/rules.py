@@ -106,12 +106,19 @@ def default_rules(weight_bits: int, act_bits: int, weight_method: str
 
 
 class QuantRules:
-  """Resolves a module path to its QuantSpec (first full match wins; else float)."""
+  """Resolves a module path to its QuantSpec (first full match wins; else float).
 
-  def __init__(self, rules: Iterable[tuple[re.Pattern[str], QuantSpec]]):
+  The first ``num_user`` rules are the user's; ``check_all_matched`` reports those
+  whose regex matched none of the paths asked for (a typo would otherwise be ignored).
+  """
+
+  def __init__(self, rules: Iterable[tuple[re.Pattern[str], QuantSpec]], num_user: int = 0):
     self.rules = list(rules)
+    self.num_user = num_user
+    self.paths: list[str] = []
 
   def __call__(self, path: str) -> QuantSpec:
+    self.paths.append(path)
     for pattern, spec in self.rules:
       if pattern.fullmatch(path):
         return spec
@@ -127,4 +134,14 @@ class QuantRules:
         quant.weight_bits, quant.act_bits, quant.weight_method)
     grad_batch = quant.get("lsq_grad_batch")
     return cls([(pattern, dataclasses.replace(spec, grad_batch=grad_batch))
-                for pattern, spec in rules])
+                for pattern, spec in rules], num_user=len(user))
+
+  def check_all_matched(self) -> None:
+    """Raises one line per user rule that matched no layer path, with the paths."""
+    unmatched = [pattern.pattern for pattern, _ in self.rules[:self.num_user]
+                 if not any(pattern.fullmatch(p) for p in self.paths)]
+    if unmatched:
+      raise ValueError(
+          f"error: quant.rules {unmatched} match no layer of this model; fix the regex "
+          f"(it must fully match a path such as {', '.join(sorted(set(self.paths))[:6])}, "
+          "...).")
