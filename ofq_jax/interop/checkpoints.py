@@ -7,7 +7,6 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -17,7 +16,7 @@ from ofq_jax.interop.files import read_state_dict
 from ofq_jax.interop.names import dotted, entries, state_to_torch, statsq_clip_key
 from ofq_jax.models.attention import QKRAttention
 from ofq_jax.models.deit import DeiT, create_model
-from ofq_jax.models.dtypes import param_dtype
+from ofq_jax.models.dtypes import param_dtype, state_dtype
 from ofq_jax.models.rounded import rounded_tensors
 from ofq_jax.models.layers import PatchEmbed, QDense
 
@@ -44,15 +43,8 @@ def _quantized_modules(model: nnx.Module) -> list[str]:
 def reference_buffers(model: nnx.Module) -> dict[str, np.ndarray]:
   """The reference's StatsQ ``clip_val`` buffers that ofq_jax does not store (one per
   StatsQ-rounded tensor, in the model's floating dtype)."""
-  clip = np.array([STATSQ_CLIP_VAL], _state_dtype(model))
+  clip = np.array([STATSQ_CLIP_VAL], state_dtype(model))
   return {statsq_clip_key(t): clip for t in rounded_tensors(model) if t.method == "statsq"}
-
-
-def _state_dtype(model: nnx.Module) -> np.dtype:
-  """The floating dtype a model's state is held in (float32 or float64)."""
-  leaves = jax.tree.leaves(nnx.state(model))
-  return np.result_type(*[leaf.dtype for leaf in leaves
-                          if jnp.issubdtype(leaf.dtype, jnp.floating)])
 
 
 def _load_into(model: nnx.Module, state: Mapping[str, np.ndarray], *,

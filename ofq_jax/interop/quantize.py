@@ -10,6 +10,7 @@ from flax import nnx
 
 from ofq_jax.models.attention import QKRAttention, StandardAttention
 from ofq_jax.models.deit import DeiT, create_model
+from ofq_jax.models.dtypes import state_dtype
 from ofq_jax.models.layers import torch_default_linear_init
 
 
@@ -47,7 +48,7 @@ def quantize_from_float(float_model: DeiT, config: ml_collections.ConfigDict, *,
   """
   if not config.quant.enabled:
     raise ValueError("quantize_from_float needs config.quant.enabled=True.")
-  model = create_model(config, nnx.Rngs(seed), dtype=float_model.patch_embed.kernel.dtype)
+  model = create_model(config, nnx.Rngs(seed), dtype=state_dtype(float_model))
   src, dst = float_model, model
   if src.config.embed_dim != config.embed_dim or len(src.blocks) != len(dst.blocks):
     raise ValueError(f"Float model (embed_dim={src.config.embed_dim}, depth={len(src.blocks)})"

@@ -44,6 +44,13 @@ def param_dtype(dtype: Any = None, arrays: Iterable[Any] = ()) -> np.dtype:
   return dtype
 
 
+def state_dtype(model: nnx.Module) -> np.dtype:
+  """The floating dtype ``model``'s state is held in (float32 or float64)."""
+  leaves = jax.tree.leaves(nnx.state(model))
+  return np.result_type(*[leaf.dtype for leaf in leaves
+                          if jnp.issubdtype(leaf.dtype, jnp.floating)])
+
+
 def cast_floating(model: nnx.Module, dtype: Any) -> nnx.Module:
   """Casts every floating leaf of ``model``'s state to ``dtype`` in place; returns it."""
   dtype = param_dtype(dtype)
