@@ -25,10 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ofq_jax import losses, optim, sharding, train
+from ofq_jax import losses, optim, sharding
+from ofq_jax import step as step_lib
 from ofq_jax.models import calibrate, create_model, model_config
-from ofq_jax.models.quantizers import QuantBuffer
-from ofq_jax.models.tracker import OscillationTracker
+from ofq_jax.models.tracker import tracking_config
 
 
 def build(model: str, bits: int, batch: int, attention: str, seed: int = 0):
@@ -57,40 +57,26 @@ def main(argv=None) -> dict:
   mesh = sharding.make_mesh()
   sharding.check_batch(args.batch, mesh)
   student, teacher, host_batch = build(args.model, args.bits, args.batch, args.attention)
-  graphdef, params, buffers = nnx.split(student, nnx.Param, QuantBuffer)
   schedule = optim.epoch_schedule(1000, base_lr=5e-4, epochs=300, warmup_epochs=5)
-  tx = optim.adamw(schedule, weight_decay=0.05, mask=optim.weight_decay_mask(params))
-  replicated = lambda tree: jax.tree.map(lambda _: sharding.replicated(mesh), tree)
-  state = {"params": params, "buffers": buffers, "opt_state": tx.init(params),
-           "step": jnp.int32(0)}
-  state_sh = replicated(state)
-  state = jax.device_put(state, state_sh)
-  teacher_graphdef, teacher_state = nnx.split(teacher)
-  teacher_sh = replicated(teacher_state)
-  teacher_state = jax.device_put(teacher_state, teacher_sh)
+  tx = optim.adamw(schedule, weight_decay=0.05,
+                   mask=optim.weight_decay_mask(nnx.state(student, nnx.Param)))
+  placed_teacher = step_lib.place_teacher(teacher, mesh)
+  teacher_state = placed_teacher.state
   batch = sharding.global_batch(host_batch, mesh)
+  loss = losses.stage_loss(distill=True, num_classes=1000)
   variants = ("off", "on") if args.tracking == "both" else (args.tracking,)
   runs = {}
-  for variant in variants:
-    tracker_graphdef, run_state, run_sh = None, dict(state), dict(state_sh)
-    if variant == "on":
-      tracker = nnx.eval_shape(lambda: OscillationTracker(student))  # shapes only
-      tracker_graphdef, tracker_state = nnx.split(tracker)
-      run_sh["tracker"] = replicated(tracker_state)
-      run_state["tracker"] = train.tracker_start_fn(
-          graphdef, tracker_graphdef, tracker_state, run_sh["tracker"])(params, buffers)
-    loss = losses.stage_loss(distill=True, num_classes=1000)
-    step = train.make_train_step(graphdef, tx, schedule, loss, mesh=mesh,
-                                 state_shardings=run_sh, teacher=(teacher_graphdef, teacher_sh),
-                                 tracker_graphdef=tracker_graphdef)
+  for variant in variants:  # the state and step the training loop builds
+    spec = step_lib.create_train_state(student, tx, mesh,
+                                       tracking=tracking_config(enabled=variant == "on"))
+    run_state = step_lib.initial_state(student, tx, spec)
+    step = step_lib.make_train_step(spec, loss, tx, schedule, teacher=placed_teacher)
     start = time.perf_counter()
     compiled = step.lower(run_state, batch, teacher_state).compile()
     compile_seconds = time.perf_counter() - start
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
-    if len(variants) > 1:  # each variant donates its own copy of the start state
-      run_state = jax.tree.map(jnp.copy, run_state)
     run_state, metrics = compiled(run_state, batch, teacher_state)  # warm-up
     jax.block_until_ready(metrics)
     runs[variant] = dict(compiled=compiled, state=run_state, flops=flops,

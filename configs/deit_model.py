@@ -12,7 +12,7 @@ ImageNet recipes) embed this under ``config.model``.
 import ml_collections
 
 from ofq_jax.config_args import parse_arg
-from ofq_jax.models.deit import model_config
+from ofq_jax.models.config import model_config
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:

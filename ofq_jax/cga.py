@@ -5,7 +5,9 @@ current (pre-step) weight with the StatsQ rule of ``cga_frozen_mask``; frozen
 gradients are zeroed before the inner optimizer and frozen updates zeroed
 after it, so frozen weights stay bit-exact (AdamW's decoupled decay and the
 resumed first moment would otherwise still move them, spec 4.3). Masks are
-recomputed every step (progressive freezing).
+recomputed every step (progressive freezing); the state carries the frozen
+fractions of that computation, so the train step reports them without
+computing the masks a second time.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ofq_jax.interop.names import dotted, state_path
+from ofq_jax.paths import dotted, state_path
 from ofq_jax.quant.statsq import cga_frozen_mask
 
 DEFAULT_TARGETS = (r"blocks\.\d+\.(mlp\.fc1\.kernel|mlp\.fc2\.kernel|attn\.proj\.kernel|"
@@ -25,6 +27,12 @@ DEFAULT_TARGETS = (r"blocks\.\d+\.(mlp\.fc1\.kernel|mlp\.fc2\.kernel|attn\.proj\
 
 
 class CGAState(NamedTuple):
+  inner: optax.OptState
+  frozen: dict[str, jax.Array]  # share frozen per target (dotted path) and "total"
+
+
+class LegacyCGAState(NamedTuple):
+  """The CGA state as checkpoints before ``frozen`` existed hold it (restore only)."""
   inner: optax.OptState
 
 
@@ -49,7 +57,7 @@ def cga(inner: optax.GradientTransformation, bits: Any, boundary_range: float = 
       rounding threshold in units of the quantization step.
   """
   def init(params):
-    return CGAState(inner.init(params))
+    return CGAState(inner.init(params), frozen_fractions(params, bits, boundary_range))
 
   def update(grads, state, params=None):
     if params is None:
@@ -59,14 +67,28 @@ def cga(inner: optax.GradientTransformation, bits: Any, boundary_range: float = 
     grads = jax.tree.map(zero_frozen, frozen, grads)
     updates, inner_state = inner.update(grads, state.inner, params)
     updates = jax.tree.map(zero_frozen, frozen, updates)
-    return updates, CGAState(inner_state)
+    return updates, CGAState(inner_state, _fractions(frozen, bits))
 
   return optax.GradientTransformation(init, update)
 
 
+def reported_fractions(opt_state: Any) -> dict[str, jax.Array] | None:
+  """The frozen fractions a ``cga`` state (anywhere in ``opt_state``) last computed."""
+  found = [s.frozen for s in jax.tree.leaves(opt_state, is_leaf=_is_cga_state)
+           if isinstance(s, CGAState)]
+  return found[0] if found else None
+
+
+def _is_cga_state(x: Any) -> bool:
+  return isinstance(x, CGAState)
+
+
 def frozen_fractions(params: Any, bits: Any, boundary_range: float) -> dict[str, jax.Array]:
   """Fraction of frozen entries per target (keyed by dotted path) and in total."""
-  frozen = frozen_masks(params, bits, boundary_range)
+  return _fractions(frozen_masks(params, bits, boundary_range), bits)
+
+
+def _fractions(frozen: Any, bits: Any) -> dict[str, jax.Array]:
   out, total, count = {}, 0.0, 0
   for (path, m), b in zip(jax.tree_util.tree_flatten_with_path(frozen)[0],
                           jax.tree.leaves(bits)):

@@ -1,13 +1,36 @@
-"""A thin orbax wrapper: periodic async saves, keep-last-N, restore onto shardings,
-and falling back to an older checkpoint when the newest one cannot be read."""
+"""Orbax, in two shapes: a stage's training checkpoints (periodic async saves,
+keep-last-N, restore onto shardings, falling back to an older checkpoint when the
+newest one cannot be read) and a model directory (a stage's final parameters)."""
 
 from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
+from flax import nnx
+
+from ofq_jax import compat
+
+
+def save_model_dir(directory: str, model: nnx.Module) -> None:
+  """Final parameters (and quantizer buffers) of a stage, for the next stage or export."""
+  _, state = nnx.split(model)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.abspath(directory), state, force=True)
+  checkpointer.wait_until_finished()
+
+
+def load_model_dir(directory: str, model: nnx.Module) -> nnx.Module:
+  """Restores ``save_model_dir`` output into ``model`` (built from the same config)."""
+  _, state = nnx.split(model)
+  abstract = jax.tree.map(compat.to_shape_dtype_struct, state)
+  restored = ocp.StandardCheckpointer().restore(os.path.abspath(directory), abstract)
+  nnx.update(model, restored)
+  return model
 
 
 class Checkpointer:
@@ -22,6 +45,12 @@ class Checkpointer:
     # Items are named by the Composite args of each call (``item_names`` is deprecated).
     self.manager = ocp.CheckpointManager(self.directory, options=options)
 
+  def __enter__(self) -> Checkpointer:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
@@ -35,18 +64,20 @@ class Checkpointer:
   def read_meta(self, step: int) -> dict[str, Any]:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
-  def restore(self, abstract_state: Any, step: int | None = None
+  def restore(self, abstract_state: Any, step: int | None = None, *,
+              older_layouts: tuple[tuple[Any, Callable[[Any], Any]], ...] = ()
               ) -> tuple[int, Any, dict[str, Any]] | None:
     """Newest readable checkpoint (or ``step``) restored onto ``abstract_state``'s shardings.
 
     Returns ``(step, state, meta)``, or None when there is none. An unreadable newest
-    checkpoint is reported and the previous one is tried.
+    checkpoint is reported and the previous one is tried. ``older_layouts``:
+    ``(abstract, upgrade)`` pairs for state layouts earlier versions wrote, tried when
+    a checkpoint does not match ``abstract_state``; ``upgrade`` converts what they read.
     """
     candidates = [step] if step is not None else list(reversed(self.steps()))
     for index, candidate in enumerate(candidates):
       try:
-        restored = self.manager.restore(candidate, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        restored = self._restore_step(candidate, abstract_state, older_layouts)
       except Exception as error:  # pylint: disable=broad-except
         if step is not None or index == len(candidates) - 1:
           raise RuntimeError(f"Checkpoint {candidate} in {self.directory} cannot be read: "
@@ -58,6 +89,20 @@ class Checkpointer:
         continue
       return candidate, restored["state"], restored["meta"]
     return None
+
+  def _restore_step(self, step: int, abstract_state: Any, older_layouts) -> dict[str, Any]:
+    errors = []
+    for abstract, upgrade in ((abstract_state, None),) + tuple(older_layouts):
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+      except Exception as error:  # pylint: disable=broad-except
+        errors.append(error)
+        continue
+      if upgrade is not None:
+        restored = dict(restored, state=upgrade(restored["state"]))
+      return restored
+    raise errors[0]  # the current layout's reason
 
   def _set_aside(self, step: int) -> str:
     """Renames an unreadable step out of orbax's way (kept for inspection)."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ofq_jax.errors import UserError
+
 
 def parse_arg(arg: str | None, *, where: str, **fields: Any) -> dict[str, Any]:
   """``"bits=4,seed=1"`` -> ``{"bits": 4, "seed": 1, ...}`` with every field filled.
@@ -18,18 +20,18 @@ def parse_arg(arg: str | None, *, where: str, **fields: Any) -> dict[str, Any]:
   for pair in [p.strip() for p in (arg or "").split(",") if p.strip()]:
     key, sep, text = (s.strip() for s in pair.partition("="))
     if not sep:
-      raise ValueError(f"{where}: argument {pair!r} is not key=value (known: {known})")
+      raise UserError(f"{where}: argument {pair!r} is not key=value (known: {known})")
     if key not in fields:
-      raise ValueError(f"{where}: unknown argument {key!r} (known: {known})")
+      raise UserError(f"{where}: unknown argument {key!r} (known: {known})")
     spec = fields[key]
     kind = type(spec[0] if isinstance(spec, tuple) else spec)
     try:
       value = kind(text)
     except ValueError:
-      raise ValueError(f"{where}: {key}={text!r} is not a{'n' if kind is int else ''} "
+      raise UserError(f"{where}: {key}={text!r} is not a{'n' if kind is int else ''} "
                        f"{kind.__name__} (known: {known})") from None
     if isinstance(spec, tuple) and value not in spec:
-      raise ValueError(f"{where}: {key}={text!r} is not one of "
+      raise UserError(f"{where}: {key}={text!r} is not one of "
                        f"{', '.join(map(str, spec))} (known: {known})")
     values[key] = value
   return values

@@ -11,9 +11,9 @@ batch is split over the ``config.mesh`` devices and hosts.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
+import sys
 import time
 from typing import Any
 
@@ -24,10 +24,12 @@ from ml_collections import config_flags
 
 from ofq_jax import data as data_lib
 from ofq_jax import sharding
+from ofq_jax.checkpointing import load_model_dir
+from ofq_jax.errors import MissingInputError, UserError, one_line
 from ofq_jax.interop import load_ofq_torch, load_timm_deit, read_state_dict
-from ofq_jax.interop.checkpoints import float_config
-from ofq_jax.models import create_model
+from ofq_jax.models import create_model, float_config, quantized_config
 from ofq_jax.models.quantizers import QuantBuffer
+from ofq_jax.step import evaluate
 
 # Keys only the OFQ reference's quantized DeiT has.
 _REFERENCE_MARKERS = (".input_quant_fn.s", ".lsqw_fn.s", ".statsq_fn.clip_val",
@@ -37,31 +39,28 @@ _REFERENCE_MARKERS = (".input_quant_fn.s", ".lsqw_fn.s", ".statsq_fn.clip_val",
 def load_for_eval(path: str, model_config) -> tuple[nnx.Module, str]:
   """The model in ``path`` and what kind of file it was."""
   if not os.path.exists(path):
-    raise FileNotFoundError(f"--checkpoint={path!r} does not exist.")
+    raise MissingInputError(f"--checkpoint={path!r} does not exist; pass a model directory "
+                            "(workdir/models/<stage>), a timm / FB DeiT file or an OFQ "
+                            "reference .pth.tar.")
   if os.path.isdir(path):
-    from ofq_jax.train import load_model  # pylint: disable=import-outside-toplevel
-    quantized = copy.deepcopy(model_config)
-    quantized.quant.enabled = True
     errors = []
-    for kind, cfg in (("ofq_jax quantized", quantized), ("ofq_jax float",
-                                                         float_config(model_config))):
+    for kind, cfg in (("ofq_jax quantized", quantized_config(model_config)),
+                      ("ofq_jax float", float_config(model_config))):
       try:
-        return load_model(path, create_model(cfg)), kind
+        return load_model_dir(path, create_model(cfg)), kind
       except Exception as error:  # pylint: disable=broad-except
         errors.append(f"{kind}: {type(error).__name__}: {str(error)[:300]}")
-    raise ValueError(f"{path} is not an ofq_jax model directory for this config:\n" +
-                     "\n".join(errors))
+    raise UserError(f"--checkpoint={path} is not an ofq_jax model directory for this "
+                    f"config (fix --config.model to the one it was trained with): " +
+                    " | ".join(errors))
   state = read_state_dict(path)
   if any(key.endswith(_REFERENCE_MARKERS) for key in state):
-    quantized = copy.deepcopy(model_config)
-    quantized.quant.enabled = True
-    return load_ofq_torch(state, quantized), "OFQ reference"
+    return load_ofq_torch(state, quantized_config(model_config)), "OFQ reference"
   return load_timm_deit(state, model_config), "timm / FB DeiT"
 
 
 def evaluate_checkpoint(config, checkpoint: str) -> dict[str, Any]:
   """Top-1 / top-5 (percent), image count and images/s of ``checkpoint``."""
-  from ofq_jax.train import evaluate  # pylint: disable=import-outside-toplevel
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   sharding.check_batch(config.eval_batch_size, mesh, "eval_batch_size")
   source = data_lib.build(config.data)
@@ -85,7 +84,11 @@ def main(argv):
   del argv
   if FLAGS.verbosity <= 0:
     logging.set_verbosity(logging.WARNING)
-  result = evaluate_checkpoint(FLAGS.config, FLAGS.checkpoint)
+  try:
+    result = evaluate_checkpoint(FLAGS.config, FLAGS.checkpoint)
+  except UserError as error:
+    print(one_line(error), file=sys.stderr, flush=True)
+    sys.exit(2)
   if jax.process_index() == 0:
     print(f"{result['kind']}: top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
           f"({result['count']} images, {result['images_per_sec']:.1f} img/s)")

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from ofq_jax.errors import UserError
+
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, *, num_classes: int,
                   label_smoothing: float = 0.0) -> jax.Array:
@@ -83,6 +85,6 @@ def stage_loss(*, distill: bool, num_classes: int, label_smoothing: float = 0.0,
   if not distill:
     return functools.partial(float_loss, **options)
   if teacher_logits not in TEACHER_LOGITS:
-    raise ValueError(f"kd.teacher_logits={teacher_logits!r} is not one of {TEACHER_LOGITS}; "
+    raise UserError(f"kd.teacher_logits={teacher_logits!r} is not one of {TEACHER_LOGITS}; "
                      "'cls' is the reference (its teacher's cls head), 'avg' both heads.")
   return functools.partial(distill_loss, teacher_logits=teacher_logits, **options)

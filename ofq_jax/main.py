@@ -4,10 +4,15 @@ Every config field can be overridden with ``--config.<key>=value``. Multi-proces
 runs (TPU pods, GPU clusters) pass ``--distributed``: ``jax.distributed.initialize()``
 then reads the cluster from the environment; ``--coordinator_address``,
 ``--num_processes`` and ``--process_id`` set it by hand (e.g. on CPU hosts).
+
+A mistake in the config (a bad value, a missing file, a workdir holding another run)
+prints one ``error: ...`` line and exits with status 2 before any work; status 143
+means preempted (saved, rerun to resume).
 """
 
 from __future__ import annotations
 
+import re
 import sys
 
 from absl import app, flags, logging
@@ -37,10 +42,49 @@ def main(argv):
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
                                num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
   from ofq_jax import train  # pylint: disable=import-outside-toplevel
-  summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  from ofq_jax.errors import UserError, one_line  # pylint: disable=import-outside-toplevel
+  try:
+    FLAGS.config.keys()  # config_flags reports a config file it could not load only here
+  except OSError as error:
+    print(one_line(f"--config: {str(error).strip().splitlines()[-1].strip()}"),
+          file=sys.stderr, flush=True)
+    sys.exit(2)
+  try:
+    summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except UserError as error:  # a traceback is for bugs
+    print(one_line(error), file=sys.stderr, flush=True)
+    sys.exit(2)
   if summary.get("preempted"):
     sys.exit(143)
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing, with a bad ``--config`` argument or override as one line (exit 2)."""
+  try:
+    return FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError) as error:
+    print(_flag_error_line(error, argv), file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def _flag_error_line(error: BaseException, argv: list[str]) -> str:
+  from ofq_jax.errors import one_line  # pylint: disable=import-outside-toplevel
+  text = str(error)
+  marker = "UserError: "  # config_flags keeps only the text of the config file's error
+  if marker in text:
+    return one_line(text[text.rindex(marker) + len(marker):])
+  if isinstance(error, (AttributeError, KeyError)):  # ConfigDict: an override's unknown key
+    text = text.replace("\\n", " ").replace("\\'", "'")  # the repr of a KeyError
+    words = re.findall(r"Did you mean [^?]*\?|[\w.]+", text)
+    key = words[0] if words else "?"
+    flag = next((a.split("=")[0] for a in argv[1:]
+                 if a.split("=")[0].startswith("--config.") and
+                 a.split("=")[0].endswith("." + key)), "--config.*")
+    hint = next((w for w in words if w.startswith("Did you mean")), "")
+    return one_line(f"{flag}: the config has no key {key!r}. {hint} (python -m ofq_jax.main "
+                    "--helpfull lists the keys)")
+  return one_line(text)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

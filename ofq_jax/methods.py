@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from ofq_jax.errors import UserError
+
 METHODS: dict[str, dict] = {
     "float": dict(stages=("float",), weight_method="statsq", attention="qkr"),
     "lsq": dict(stages=("float", "qat"), weight_method="lsq", attention="standard"),
@@ -25,7 +27,7 @@ METHODS: dict[str, dict] = {
 def apply_method(config: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
   """Sets ``config.method``, ``config.stages`` and the quantizer choices for ``method``."""
   if method not in METHODS:
-    raise ValueError(f"method={method!r} is not one of {tuple(METHODS)}; e.g. "
+    raise UserError(f"method={method!r} is not one of {tuple(METHODS)}; e.g. "
                      "--config=configs/digits.py:method=lsq,bits=2,seed=1.")
   choice = METHODS[method]
   config.method = method

@@ -15,7 +15,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ofq_jax.interop.names import state_path, torch_key
+from ofq_jax.interop.names import torch_key
+from ofq_jax.paths import state_path
 
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token")
 """DeiT's ``no_weight_decay()`` set."""

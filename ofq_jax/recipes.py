@@ -15,8 +15,9 @@ import ml_collections
 
 from ofq_jax.cga import DEFAULT_TARGETS
 from ofq_jax.config_args import parse_arg
+from ofq_jax.errors import UserError
 from ofq_jax.methods import METHODS, apply_method
-from ofq_jax.models.deit import model_config
+from ofq_jax.models.config import model_config
 from ofq_jax.models.tracker import tracking_config
 
 
@@ -82,10 +83,10 @@ def base() -> ml_collections.ConfigDict:
 def imagenet(model: str, bits: int, stage: str = "qat") -> ml_collections.ConfigDict:
   """One row of the paper's table: QAT (300 + 10 epochs) or its CGA stage (30 epochs)."""
   if (model, bits) not in IMAGENET:
-    raise ValueError(f"No ImageNet recipe for model={model!r}, bits={bits!r}; rows: "
+    raise UserError(f"No ImageNet recipe for model={model!r}, bits={bits!r}; rows: "
                      f"{sorted(IMAGENET)}.")
   if stage not in ("qat", "cga"):
-    raise ValueError(f"stage={stage!r}; the recipes run 'qat' then 'cga'.")
+    raise UserError(f"stage={stage!r}; the recipes run 'qat' then 'cga'.")
   row = IMAGENET[model, bits]
   config = base()
   config.seed = 42  # the reference seeds 42 + rank

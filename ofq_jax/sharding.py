@@ -8,6 +8,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from ofq_jax.errors import UserError
+
 BATCH_AXES = ("data", "fsdp")
 """Batches are split over both axes: fsdp is data parallel too, with sharded state."""
 
@@ -20,12 +22,12 @@ def make_mesh(data: int = -1, fsdp: int = 1) -> Mesh:
   """
   total = jax.device_count()
   if fsdp < 1 or total % fsdp:
-    raise ValueError(f"mesh.fsdp={fsdp} must be a positive divisor of the {total} devices.")
+    raise UserError(f"mesh.fsdp={fsdp} must be a positive divisor of the {total} devices.")
   if data == -1:
     data = total // fsdp
   size = data * fsdp
   if data < 1 or size > total or (size < total and jax.process_count() > 1):
-    raise ValueError(f"mesh.data={data} x mesh.fsdp={fsdp} = {size} devices, but {total} are "
+    raise UserError(f"mesh.data={data} x mesh.fsdp={fsdp} = {size} devices, but {total} are "
                      "present; set mesh.data=-1 to use them all.")
   return jax.make_mesh((data, fsdp), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2,
                        devices=jax.devices()[:size])
@@ -42,11 +44,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def check_batch(global_batch: int, mesh: Mesh, what: str = "batch_size") -> None:
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
   if global_batch % shards:
-    raise ValueError(f"{what}={global_batch} is not divisible by the {shards} batch shards "
+    raise UserError(f"{what}={global_batch} is not divisible by the {shards} batch shards "
                      f"(mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}); choose a "
                      f"multiple of {shards}.")
   if global_batch % jax.process_count():
-    raise ValueError(f"{what}={global_batch} is not divisible by the "
+    raise UserError(f"{what}={global_batch} is not divisible by the "
                      f"{jax.process_count()} processes.")
 
 
@@ -73,3 +75,28 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
   """Host-local batch pieces -> global arrays sharded over the batch axes."""
   sharding = batch_sharding(mesh)
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+def place(tree: Any, shardings: Any) -> Any:
+  """Host values (identical on every process) -> global arrays with ``shardings``."""
+  def put(x, s):
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, s, lambda index: host[index])
+  return jax.tree.map(put, tree, shardings)
+
+
+def abstract(tree: Any, shardings: Any) -> Any:
+  """``ShapeDtypeStruct``s of ``tree`` carrying ``shardings`` (a restore target)."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s),
+                      tree, shardings)
+
+
+def to_host(tree: Any) -> Any:
+  """Fully replicated, process-local numpy copies of (possibly sharded) arrays."""
+  return jax.tree.map(lambda x: np.asarray(jax.device_get(_replicate(x))), tree)
+
+
+def _replicate(x: Any) -> Any:
+  if isinstance(x, jax.Array) and not x.is_fully_replicated:
+    return jax.jit(lambda y: y, out_shardings=replicated(x.sharding.mesh))(x)
+  return x

@@ -158,8 +158,8 @@ def test_rule_parsing():
 
 
 @pytest.mark.parametrize("quant,match", [
-    (dict(enabled=True, weight_bits=1), "Unsupported weight bit-width 1"),
-    (dict(enabled=True, act_bits=16), "Unsupported activation bit-width 16"),
+    (dict(enabled=True, weight_bits=1), r"model.quant.weight_bits=1 is not an integer in \[2, 8\]"),
+    (dict(enabled=True, act_bits=16), r"model.quant.act_bits=16 is not an integer in \[2, 8\]"),
     (dict(enabled=True, weight_method="lsq"), "needs quant.attention='standard'"),
     (dict(enabled=True, attention="linear"), "quant.attention='linear' is not one of"),
     (dict(enabled=True, qk_bias="keep"), "quant.qk_bias='keep'"),

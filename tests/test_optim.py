@@ -16,7 +16,7 @@ from flax import nnx
 
 from ofq_jax import cga as cga_lib
 from ofq_jax import losses, optim
-from ofq_jax.interop.names import state_path
+from ofq_jax.paths import state_path
 from ofq_jax.models import create_model, model_config
 from ofq_jax.models.deit import Logits
 from ofq_jax.models.quantizers import QuantBuffer

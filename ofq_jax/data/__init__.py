@@ -8,6 +8,8 @@ from collections.abc import Iterator
 import ml_collections
 import numpy as np
 
+from ofq_jax.errors import UserError
+
 Batch = dict[str, np.ndarray]
 
 
@@ -39,13 +41,13 @@ def build(config: ml_collections.ConfigDict) -> DataSource:
   if config.name == "imagenet2012":
     from ofq_jax.data.imagenet import ImageNetSource  # pylint: disable=import-outside-toplevel
     return ImageNetSource(config)
-  raise ValueError(f"Unknown dataset {config.name!r}; available: 'digits', 'imagenet2012'.")
+  raise UserError(f"Unknown dataset {config.name!r}; available: 'digits', 'imagenet2012'.")
 
 
 def steps_per_epoch(source: DataSource, global_batch: int) -> int:
   """Full batches per epoch (the reference drops the last partial batch)."""
   steps = source.train_size // global_batch
   if steps < 1:
-    raise ValueError(f"batch_size={global_batch} is larger than the {source.train_size} "
+    raise UserError(f"batch_size={global_batch} is larger than the {source.train_size} "
                      "training examples.")
   return steps

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from ofq_jax.data import Batch
+from ofq_jax.errors import UserError
 
 
 def _resize(images: np.ndarray, size: int) -> np.ndarray:
@@ -30,7 +31,7 @@ class DigitsSource:
     from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
     from sklearn.model_selection import train_test_split  # pylint: disable=import-outside-toplevel
     if augment not in ("shift", "none"):
-      raise ValueError(f"data.augment={augment!r}; use 'shift' or 'none'.")
+      raise UserError(f"data.augment={augment!r}; use 'shift' or 'none'.")
     digits = load_digits()
     images = _resize(digits.images.astype(np.float32) / 16.0, image_size)
     images = np.repeat(images[..., None], 3, axis=-1) * 2.0 - 1.0

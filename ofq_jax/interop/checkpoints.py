@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -13,8 +12,10 @@ import numpy as np
 from flax import nnx
 
 from ofq_jax.interop.files import read_state_dict
-from ofq_jax.interop.names import dotted, entries, state_to_torch, statsq_clip_key
+from ofq_jax.interop.names import entries, state_to_torch, statsq_clip_key
+from ofq_jax.paths import dotted
 from ofq_jax.models.attention import QKRAttention
+from ofq_jax.models.config import float_config  # noqa: F401  (notebooks import it here)
 from ofq_jax.models.deit import DeiT, create_model
 from ofq_jax.models.dtypes import param_dtype, state_dtype
 from ofq_jax.models.rounded import rounded_tensors
@@ -90,13 +91,6 @@ def _describe(state_or_path: Any) -> str:
   if isinstance(state_or_path, (str, os.PathLike)):
     return f"Checkpoint {os.fspath(state_or_path)!r}"
   return "The state dict"
-
-
-def float_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A copy of ``config`` with quantization switched off."""
-  config = copy.deepcopy(config)
-  config.quant.enabled = False
-  return config
 
 
 def load_timm_deit(state_or_path: Mapping[str, Any] | str | os.PathLike[str],

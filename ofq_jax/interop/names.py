@@ -13,9 +13,11 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-import jax
 import numpy as np
 from flax import nnx
+
+from ofq_jax.paths import dotted
+
 
 Array = np.ndarray
 
@@ -86,27 +88,6 @@ class Entry:
     if self.kind == "conv":
       return _conv_from_torch(value)
     return np.reshape(value, self.jax_shape)
-
-
-def dotted(path: tuple[str | int, ...]) -> str:
-  return ".".join(str(p) for p in path)
-
-
-def state_path(keypath: tuple[Any, ...]) -> tuple[str | int, ...]:
-  """A jax key path into an NNX State (``DictKey``s, then the Variable's ``.value``)
-  as the state path ``('blocks', 0, 'attn', 'q_kernel')``."""
-  parts = []
-  for entry in keypath:
-    if isinstance(entry, jax.tree_util.DictKey):
-      parts.append(entry.key)
-    elif isinstance(entry, jax.tree_util.SequenceKey):
-      parts.append(entry.idx)
-    elif isinstance(entry, jax.tree_util.GetAttrKey):
-      if entry.name != "value":
-        parts.append(entry.name)
-    else:
-      parts.append(str(entry))
-  return tuple(parts)
 
 
 def torch_key(path: tuple[str | int, ...]) -> tuple[str, str]:

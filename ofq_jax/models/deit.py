@@ -1,7 +1,7 @@
 """DeiT (timm-compatible) as a Flax NNX module, float or quantized from one config.
 
-``model_config(size='tiny', **overrides)`` gives the ConfigDict; ``create_model``
-builds the model. ``model(images, train=False)`` takes NHWC float32 (or, with a float64
+``ofq_jax.models.config.model_config(size='tiny', **overrides)`` gives the ConfigDict;
+``create_model`` builds the model. ``model(images, train=False)`` takes NHWC float32 (or, with a float64
 state under ``jax_enable_x64``, float64) images and
 returns logits; a distilled model returns ``(cls + dist) / 2`` in eval mode and
 ``Logits(cls, dist)`` in train mode (spec 5.1, 8).
@@ -20,105 +20,8 @@ from flax import nnx
 from ofq_jax.models.attention import QKRAttention, StandardAttention
 from ofq_jax.models.dtypes import cast_floating, param_dtype
 from ofq_jax.models.layers import Mlp, PatchEmbed, QDense
-from ofq_jax.quant.rules import WEIGHT_METHODS, QuantRules
-
-PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(embed_dim=192, depth=12, num_heads=3),
-    "small": dict(embed_dim=384, depth=12, num_heads=6),
-    "base": dict(embed_dim=768, depth=12, num_heads=12),
-}
-
-ATTENTIONS = ("qkr", "standard")
-ATTN_INITS = ("random", "pretrained")
-QK_BIASES = ("drop", "fold")
-PRECISIONS = ("highest", "high", "default")
-
-
-def _quant_config() -> ml_collections.ConfigDict:
-  quant = ml_collections.ConfigDict()
-  quant.enabled = False
-  quant.weight_bits = 2
-  quant.act_bits = 2
-  # 'statsq' (OFQ) or 'lsq' (the LSQ baseline, spec 3.6; needs attention='standard').
-  quant.weight_method = "statsq"
-  # 'qkr' (query-key reparameterization, the released recipe) or 'standard'.
-  quant.attention = "qkr"
-  # Batch size used in every activation step's gradient scale 1/sqrt(Qp*M). Unset:
-  # the batch the quantizer sees. The reference used its per-GPU batch (spec 7.6).
-  quant.lsq_grad_batch = ml_collections.config_dict.placeholder(int)
-  # Reference quirk 7.1: attn.proj (and qkv of standard attention) start from torch's
-  # default random init instead of the pretrained weights. 'pretrained' copies them.
-  quant.attn_proj_init = "random"
-  quant.attn_qkv_init = "random"
-  # Reference quirk 7.3: QKR drops the query/key biases ('drop'). 'fold' keeps the
-  # pretrained attention exactly through a per-head key bias W_k^T b_q.
-  quant.qk_bias = "drop"
-  # Extra rules before the defaults, e.g. ('blocks\\.0\\..*=float', 'head=w8a8:lsq');
-  # see ofq_jax.quant.rules.
-  quant.rules = ()
-  return quant
-
-
-def model_config(size: str | None = "tiny", **overrides: Any) -> ml_collections.ConfigDict:
-  """DeiT config: a preset (``tiny``, ``small``, ``base`` or None) plus overrides.
-
-  ``quant`` may be overridden with a dict that is merged into the defaults, e.g.
-  ``model_config('small', quant=dict(enabled=True, weight_bits=2, act_bits=2))``.
-  """
-  config = ml_collections.ConfigDict()
-  config.size = size
-  config.embed_dim = 192
-  config.depth = 12
-  config.num_heads = 3
-  config.mlp_ratio = 4.0
-  config.patch_size = 16
-  config.img_size = 224
-  config.in_chans = 3
-  config.num_classes = 1000
-  config.distilled = True  # OFQ initialises from and distils from the distilled DeiTs.
-  config.layer_norm_eps = 1e-6
-  # Matmul precision; 'highest' keeps float32 (TF32 can flip 2-bit roundings, spec 7.10).
-  config.precision = "highest"
-  config.quant = _quant_config()
-  if size is not None:
-    if size not in PRESETS:
-      raise ValueError(f"Unknown DeiT size {size!r}; use one of {sorted(PRESETS)} or None.")
-    config.update(PRESETS[size])
-  quant_overrides = overrides.pop("quant", None)
-  for key in overrides:
-    if key not in config:
-      raise KeyError(f"model_config got unknown field {key!r}; known fields: "
-                     f"{sorted(config.keys())}.")
-  config.update(overrides)
-  if quant_overrides:
-    for key in quant_overrides:
-      if key not in config.quant:
-        raise KeyError(f"model_config got unknown quant field {key!r}; known: "
-                       f"{sorted(config.quant.keys())}.")
-    config.quant.update(dict(quant_overrides))
-  return config
-
-
-def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the bad value and the fix."""
-  if config.embed_dim % config.num_heads:
-    raise ValueError(f"embed_dim={config.embed_dim} is not divisible by num_heads="
-                     f"{config.num_heads}; choose num_heads dividing embed_dim.")
-  if config.img_size % config.patch_size:
-    raise ValueError(f"img_size={config.img_size} is not divisible by patch_size="
-                     f"{config.patch_size}; choose an image size that is a multiple of it.")
-  quant = config.quant
-  choices = dict(weight_method=WEIGHT_METHODS, attention=ATTENTIONS, attn_proj_init=ATTN_INITS,
-                 attn_qkv_init=ATTN_INITS, qk_bias=QK_BIASES)
-  for field, allowed in choices.items():
-    if quant[field] not in allowed:
-      raise ValueError(f"quant.{field}={quant[field]!r} is not one of {allowed}.")
-  if config.precision not in PRECISIONS:
-    raise ValueError(f"precision={config.precision!r} is not one of {PRECISIONS}.")
-  if quant.enabled and quant.attention == "qkr" and quant.weight_method == "lsq":
-    raise ValueError("quant.weight_method='lsq' (the LSQ baseline) needs "
-                     "quant.attention='standard'; QKR quantizes W_q^T W_k with StatsQ.")
-
+from ofq_jax.models.config import model_config, validate_config  # noqa: F401
+from ofq_jax.quant.rules import QuantRules
 
 def num_tokens(config: ml_collections.ConfigDict) -> int:
   """Patches plus the cls (and dist) token: 198 for a distilled DeiT at 224 px."""

@@ -15,6 +15,7 @@ import re
 import jax
 from flax import nnx
 
+from ofq_jax.paths import dotted
 from ofq_jax.quant.rounding import Rounding
 
 
@@ -72,10 +73,6 @@ class RoundedTensor:
     return self.rounding.bits
 
 
-def _dotted(path) -> str:
-  return ".".join(str(p) for p in path)
-
-
 def rounded_tensors(model: nnx.Module) -> tuple[RoundedTensor, ...]:
   """Every tensor ``model`` rounds, in module order."""
   found = []
@@ -84,8 +81,8 @@ def rounded_tensors(model: nnx.Module) -> tuple[RoundedTensor, ...]:
       continue
     path = tuple(path)
     for r in module.rounds():
-      found.append(RoundedTensor(_dotted(path + (r.name,)), path, r.name, r.rounding,
-                                 r.param and _dotted(path + (r.param,))))
+      found.append(RoundedTensor(dotted(path + (r.name,)), path, r.name, r.rounding,
+                                 r.param and dotted(path + (r.param,))))
   return tuple(found)
 
 

@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from ofq_jax.errors import UserError
 from ofq_jax.models import rounded
 from ofq_jax.quant.oscillation import OscillationState, init_oscillation, update_oscillation
 
@@ -108,9 +109,9 @@ class OscillationTracker(nnx.Module):
   def __init__(self, model: nnx.Module, *, momentum: float = 0.01, threshold: float = 0.005,
                every_steps: int = 1):
     if every_steps < 1:
-      raise ValueError(f"tracking.every_steps={every_steps} must be >= 1.")
+      raise UserError(f"tracking.every_steps={every_steps} must be >= 1.")
     if not 0.0 < momentum <= 1.0:
-      raise ValueError(f"tracking.momentum={momentum} must be in (0, 1].")
+      raise UserError(f"tracking.momentum={momentum} must be in (0, 1].")
     self.weights = quantized_weights(model)
     self.momentum = float(momentum)
     self.threshold = float(threshold)

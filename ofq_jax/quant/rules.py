@@ -21,6 +21,7 @@ import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from ofq_jax.errors import UserError
 from ofq_jax.quant.shapes import check_bits
 
 WEIGHT_METHODS = ("statsq", "lsq")
@@ -42,7 +43,7 @@ class QuantSpec:
     if self.act_bits is not None:
       check_bits(self.act_bits, what="activation")
     if self.weight_method not in WEIGHT_METHODS:
-      raise ValueError(f"Unknown weight_method {self.weight_method!r}; use one of "
+      raise UserError(f"Unknown weight_method {self.weight_method!r}; use one of "
                        f"{WEIGHT_METHODS}.")
 
   @property
@@ -66,7 +67,7 @@ def parse_spec(text: str) -> QuantSpec:
     return FLOAT
   match = _SPEC_RE.match(text)
   if not match:
-    raise ValueError(f"Cannot parse quantization spec {text!r}: write 'float', 'w4a4' or "
+    raise UserError(f"Cannot parse quantization spec {text!r}: write 'float', 'w4a4' or "
                      "'w2a2:lsq' (weight bits, activation bits, optional weight method).")
   weight_bits, act_bits, method = match.groups()
   return QuantSpec(int(weight_bits), int(act_bits), method or "statsq")
@@ -76,7 +77,7 @@ def parse_rule(rule: Any) -> tuple[re.Pattern[str], QuantSpec]:
   """A rule string ``"REGEX=SPEC"`` or a ``(regex, QuantSpec | dict | str)`` pair."""
   if isinstance(rule, str):
     if "=" not in rule:
-      raise ValueError(f"Quantization rule {rule!r} has no '='; write 'REGEX=SPEC', e.g. "
+      raise UserError(f"Quantization rule {rule!r} has no '='; write 'REGEX=SPEC', e.g. "
                        r"'blocks\.0\..*=float' or 'head=w8a8:lsq'.")
     pattern, spec = rule.rsplit("=", 1)
     spec = parse_spec(spec)
@@ -91,7 +92,7 @@ def parse_rule(rule: Any) -> tuple[re.Pattern[str], QuantSpec]:
   try:
     return re.compile(pattern), spec
   except re.error as e:
-    raise ValueError(f"Quantization rule {rule!r}: bad regex {pattern!r} ({e}).") from None
+    raise UserError(f"Quantization rule {rule!r}: bad regex {pattern!r} ({e}).") from None
 
 
 def default_rules(weight_bits: int, act_bits: int, weight_method: str
@@ -141,7 +142,7 @@ class QuantRules:
     unmatched = [pattern.pattern for pattern, _ in self.rules[:self.num_user]
                  if not any(pattern.fullmatch(p) for p in self.paths)]
     if unmatched:
-      raise ValueError(
+      raise UserError(
           f"error: quant.rules {unmatched} match no layer of this model; fix the regex "
           f"(it must fully match a path such as {', '.join(sorted(set(self.paths))[:6])}, "
           "...).")

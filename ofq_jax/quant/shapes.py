@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from ofq_jax.errors import UserError
+
 
 def check_bits(bits: int, *, what: str) -> int:
   """Validates a bit-width for the quantizers here (2 to 8 bits)."""
   if isinstance(bits, bool) or not isinstance(bits, (int,)) or not 2 <= bits <= 8:
-    raise ValueError(
+    raise UserError(
         f"Unsupported {what} bit-width {bits!r}: ofq_jax quantizes with 2 to 8 "
         "bits (the reference's 1-bit sign paths are unused). Use an integer in "
         "[2, 8], or mark the layer float in quant.rules.")

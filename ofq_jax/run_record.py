@@ -1,0 +1,81 @@
+"""``workdir/run.json``: the resolved config of the run a workdir holds.
+
+Checkpoints resume automatically, so rerunning in a workdir with another learning
+rate would silently continue a different run. The first start writes the resolved
+config; every later start compares with it and refuses a change that alters the
+training trajectory (model, quantization, batch size, schedule, seed, data), listing
+each differing key. Changes that do not (which stages run now, logging, eval and
+checkpoint cadence, the mesh, where inputs live) are accepted and recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+
+from ofq_jax.errors import UserError
+
+FILE = "run.json"
+
+EXEMPT = (
+    "stages", "log_every_steps", "eval_every_steps", "eval_batch_size",
+    "checkpoint_every_steps", "keep_checkpoints", "async_checkpointing", "tensorboard",
+    "plots", "stop_check_every_steps", "tracking.scales_every_steps", "mesh.",
+    "fsdp_min_size", "data.data_dir", "data.manual_dir", "qat.teacher", "float.init_from",
+    "cga.resume",
+)
+"""Keys (or ``prefix.``) that may differ between the starts of one run."""
+
+
+def flatten(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """``{"qat.lr": 5e-4, ...}`` as JSON reads it back (tuples become lists)."""
+  out: dict[str, Any] = {}
+
+  def walk(prefix: str, value: Any) -> None:
+    if isinstance(value, dict):
+      for key, item in value.items():
+        walk(f"{prefix}{key}.", item)
+    else:
+      out[prefix[:-1]] = value
+  walk("", json.loads(config.to_json_best_effort()))
+  return out
+
+
+def _exempt(key: str) -> bool:
+  return any(key == e or (e.endswith(".") and key.startswith(e)) for e in EXEMPT)
+
+
+def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+  """``key: old -> new`` for every trajectory key that differs (missing: ``<absent>``)."""
+  absent = "<absent>"
+  return [f"{key}: {old.get(key, absent)!r} -> {new.get(key, absent)!r}"
+          for key in sorted(set(old) | set(new))
+          if not _exempt(key) and old.get(key, absent) != new.get(key, absent)]
+
+
+def check(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Raises ``UserError`` when ``workdir`` holds a run with a different trajectory."""
+  path = os.path.join(workdir, FILE)
+  if not os.path.exists(path):
+    return
+  with open(path, encoding="utf-8") as f:
+    old = json.load(f)
+  changed = differences(old, flatten(config))
+  if changed:
+    raise UserError(f"{workdir} holds a different run ({FILE}); changed: {'; '.join(changed)}. "
+                    "Use a new --workdir, or rerun with the recorded values to resume.")
+
+
+def write(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Records ``config`` (process 0), after ``check`` has accepted it."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, FILE)
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    json.dump(flatten(config), f, indent=2, sort_keys=True)
+  os.replace(path + ".tmp", path)
