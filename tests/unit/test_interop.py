@@ -10,10 +10,10 @@ import pytest
 import torch
 from flax import nnx
 
-from conftest import DeitFixture
 from ofq_jax.interop import (CheckpointMismatchError, export_ofq_torch, export_timm_deit,
                              load_ofq_torch, load_timm_deit, quantize_from_float)
 from ofq_jax.models import create_model, model_config
+from support.fixtures import DeitFixture
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,12 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import set_fields
 from ofq_jax import train
 from ofq_jax.data import build
 from ofq_jax.data.fake_imagenet import write_fake_imagenet
 from ofq_jax.data.imagenet import (eval_resize_and_crop, mixup_cutmix, random_crop_window,
                                    random_erasing)
+from support.runs import digits_config, imagenet_config, set_fields
 
 CLASSES = 3
 PER_CLASS = 4
@@ -181,7 +181,6 @@ TINY_MODEL = {"model.embed_dim": 64, "model.depth": 2, "model.num_heads": 2,
 @pytest.fixture(scope="module")
 def tiny_teacher(imagenet_dirs, tmp_path_factory):
   """A float tiny DeiT (1000 classes, 32 px) trained 3 steps on the tiny ImageNet."""
-  from test_train import digits_config
   workdir = tmp_path_factory.mktemp("imagenet_teacher")
   config = set_fields(digits_config(stages=("float",)), TINY_MODEL)
   config.data = data_config(*imagenet_dirs)
@@ -196,7 +195,6 @@ def tiny_teacher(imagenet_dirs, tmp_path_factory):
 def test_every_recipe_runs_two_steps(model, bits, imagenet_dirs, tiny_teacher, tmp_path):
   """Each recipe as written (its augmentation, optimizer, KD, quantization) with a tiny
   model and the tiny dataset: 2 QAT steps, and for the first recipe 2 CGA steps after."""
-  from test_recipes import imagenet_config
   config = set_fields(imagenet_config(model, bits), {**TINY_MODEL, "num_train_steps": 2})
   config.data.data_dir, config.data.manual_dir = imagenet_dirs[1], imagenet_dirs[0]
   config.qat.teacher = tiny_teacher

@@ -1,11 +1,12 @@
 """Every file in configs/ loads; the model config's argument string is honoured."""
 
 import importlib.util
-import pathlib
 
 import pytest
 
-CONFIGS = sorted((pathlib.Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
+from support import REPO
+
+CONFIGS = sorted((REPO / "configs").glob("*.py"))
 
 
 def load(path):

@@ -127,7 +127,8 @@ def test_stage_losses_over_logits():
 
 def test_cga_freezes_bit_exactly_while_trainable_weights_move():
   """5 AdamW steps with weight decay and a non-zero first moment: frozen entries of the
-  target are bit-identical, trainable ones (near a threshold) and non-targets move."""
+  target are bit-identical, trainable ones (near a threshold) and non-targets move; the
+  state carries the frozen share of each update (checked against the mask by hand)."""
   rng = np.random.default_rng(2)
   w = rng.normal(size=(48, 32)).astype(np.float32)
   other = rng.normal(size=(8,)).astype(np.float32)
@@ -145,6 +146,9 @@ def test_cga_freezes_bit_exactly_while_trainable_weights_move():
     updates, state = tx.update(grads, state, params)
     params = optax.apply_updates(params, updates)
     after = np.asarray(params["w"])
+    # The state reports the share its update froze: the pre-step weights' mask.
+    assert float(state.frozen["w"]) == pytest.approx(frozen.mean(), abs=1e-7)
+    assert cga_lib.reported_fractions((optax.EmptyState(), state)) is state.frozen
     np.testing.assert_array_equal(after[frozen], before[frozen])
     assert np.all(after[~frozen] != before[~frozen])
   assert np.all(np.asarray(params["other"]) != other)

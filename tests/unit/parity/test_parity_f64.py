@@ -20,14 +20,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import DEIT_FIXTURES, DeitFixture, array_group, check_parity
 from ofq_jax.interop import (export_ofq_torch, load_ofq_torch, load_timm_deit,
                              quantize_from_float)
 from ofq_jax.interop.names import state_to_torch
 from ofq_jax.models import calibrate
 from ofq_jax.quant import (cga_frozen_mask, lsq_initial_step, lsq_quantize, lsq_range,
                            statsq_quantize)
-from parity_cases import cga_cases, lsq_cases, statsq_bits
+from support.fixtures import DEIT_FIXTURES, DeitFixture, array_group, check_parity
+from support.parity_cases import cga_cases, lsq_cases, statsq_bits
 
 pytestmark = pytest.mark.x64
 

@@ -8,7 +8,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from support import REPO
+
 COLABS = REPO / "colabs"
 
 

@@ -4,12 +4,11 @@ minutes and is run by hand into RESULTS.md)."""
 
 import importlib.util
 import json
-import pathlib
 import sys
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from support import REPO
 
 
 @pytest.fixture(scope="module")

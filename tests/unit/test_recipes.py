@@ -4,16 +4,14 @@ The expected values are transcribed from ``../shared/ofq_spec.md`` section 5.2; 
 table in ``configs/imagenet.py``'s docstring is parsed and compared with both.
 """
 
-import importlib.util
-import pathlib
 import re
 
 import pytest
 
 from ofq_jax import optim, recipes
 from ofq_jax.config_args import parse_arg
+from support.runs import imagenet_config, load_config_file
 
-CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 IMAGENET_TRAIN = 1_281_167
 
 # (model, bits): (global batch, per-GPU batch, lr, wd, warmup, mixup, cutmix,
@@ -26,17 +24,6 @@ SPEC_5_2 = {
     ("small", 3): (800, 100, 3.2e-4, 0.0, 0, 0.8, 1.0, 0.1, 3, 79.57),
     ("small", 4): (800, 100, 3.2e-4, 0.0, 0, 0.8, 1.0, 0.1, 3, 81.10),
 }
-
-
-def load(name: str = "imagenet"):
-  spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-def imagenet_config(model: str, bits: int, stage: str = "qat"):
-  return load().get_config(f"model={model},bits={bits},stage={stage}")
 
 
 @pytest.mark.parametrize("model,bits", sorted(SPEC_5_2))
@@ -71,7 +58,7 @@ def test_recipe_matches_spec_table(model, bits):
 def _docstring_rows() -> dict[tuple[str, int], tuple]:
   """The table of configs/imagenet.py's docstring, one tuple per row."""
   rows = {}
-  for line in load().__doc__.splitlines():
+  for line in load_config_file("imagenet").__doc__.splitlines():
     m = re.fullmatch(r"\s+(tiny|small)\s+(\d)\s+([\d.]+)\s+(\d) x (\d+)\s+([\de.-]+)\s+([\d.]+)"
                      r"\s+(\d)\s+(off|([\d.]+) / ([\d.]+) \(([\d.]+)\))\s+(-|x(\d))", line)
     if m:
@@ -95,7 +82,7 @@ def test_docstring_table_is_the_recipe_table():
 
 
 def test_docstring_has_both_stage_commands():
-  doc = load().__doc__
+  doc = load_config_file("imagenet").__doc__
   assert "--config=configs/imagenet.py:model=tiny,bits=2 --workdir" in doc
   assert "--config=configs/imagenet.py:model=tiny,bits=2,stage=cga --workdir" in doc
   assert recipes.TEACHER_FILES["tiny"] in doc and recipes.TEACHER_FILES["small"] in doc
@@ -127,15 +114,15 @@ def test_recipe_schedule_resolves(model, bits):
 ])
 def test_bad_arguments_fail_in_one_line(arg, message):
   with pytest.raises(ValueError, match="^" + re.escape(message)):
-    load().get_config(arg)
+    load_config_file("imagenet").get_config(arg)
 
 
 def test_digits_arguments_are_typed():
-  config = load("digits").get_config("method=lsq,bits=3,seed=7")
+  config = load_config_file("digits").get_config("method=lsq,bits=3,seed=7")
   assert (config.method, config.model.quant.weight_bits, config.seed) == ("lsq", 3, 7)
-  assert load("digits").get_config("").method == "ofq"
+  assert load_config_file("digits").get_config("").method == "ofq"
   with pytest.raises(ValueError, match=r"^configs/digits.py: bits='9' is not one of 2, 3, 4"):
-    load("digits").get_config("bits=9")
+    load_config_file("digits").get_config("bits=9")
 
 
 def test_parse_arg_defaults_and_types():

@@ -5,15 +5,14 @@ same checks as a table on larger images); timm's ``timm/data/auto_augment.py`` i
 a single file (PIL and numpy only), never ``timm`` / ``torchvision`` as packages."""
 
 import importlib.util
-import pathlib
 import sys
 
 import pytest
 import tensorflow as tf
 
 from ofq_jax.data import randaugment as ra
+from support import REPO
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _load_bench():

@@ -13,10 +13,10 @@ tier (``test_parity_f64.py``), where a tie cannot hide a bug.
 import jax.numpy as jnp
 import numpy as np
 
-from conftest import check_parity, max_rel_diff
 from ofq_jax.interop import export_ofq_torch, export_timm_deit, load_ofq_torch, load_timm_deit
 from ofq_jax.quant import lsq_initial_step, lsq_quantize, lsq_range, statsq_quantize
-from parity_cases import lsq_cases, statsq_bits
+from support.fixtures import check_parity, max_rel_diff
+from support.parity_cases import lsq_cases, statsq_bits
 
 ATOL = 1e-5
 
