@@ -75,6 +75,9 @@ def base() -> ml_collections.ConfigDict:
                      min_lr=1e-5, weight_decay=0.0, teacher="")
   config.cga = _dict(epochs=0, boundary_range=0.005, targets=DEFAULT_TARGETS, resume="")
   config.async_checkpointing = True
+  # Multi-process runs: every this many steps the processes agree whether any of them
+  # got SIGTERM (one all-gather); all then save the same step and exit 143.
+  config.stop_check_every_steps = 10
   config.tensorboard = True
   config.plots = True  # PNGs in workdir/plots at the end (python -m ofq_jax.plots redraws)
   return config
