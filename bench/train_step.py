@@ -3,13 +3,16 @@
   python bench/train_step.py --model tiny --bits 2 --batch 8
   python bench/train_step.py --model small --bits 2 --batch 8 --json
   python bench/train_step.py --model tiny --bits 2 --batch 8 --tracking both
+  python bench/train_step.py --model small --bits 2 --batch 8 --matmul both --backward bf16
 
 Prints images/s, step time, achieved FLOP/s (XLA's cost analysis of the compiled
-step divided by the step time), compile time and peak RSS; ``--json`` prints one
-JSON line with ``images_per_sec``, ``step_seconds``, ``flops_per_sec``,
-``compile_seconds``, ``peak_rss_mb``. ``--tracking on`` (default, as the train loop runs)
-includes the oscillation tracker's update every step; ``off`` leaves it out; ``both``
-times the two alternately in one process and prints the overhead.
+step divided by the step time) and that rate as a fraction of this machine's float32
+GEMM rate measured in the same process, compile time and peak RSS; ``--json`` prints
+one JSON line (the last variant's numbers, and ``variants``: every one). ``--tracking
+on`` (default, as the train loop runs) includes the oscillation tracker's update every
+step; ``--matmul integer`` runs the quantized matmuls on integer levels
+(``ofq_jax.quant.integer``) with ``--operands``, ``--backward`` precision and the
+teacher's ``--teacher-precision``; ``both`` times two variants alternately in one process.
 """
 
 from __future__ import annotations
@@ -29,17 +32,37 @@ from ofq_jax import losses, optim, sharding
 from ofq_jax import step as step_lib
 from ofq_jax.models import calibrate, create_model, model_config
 from ofq_jax.models.tracker import tracking_config
+from ofq_jax.quant import integer
 
 
-def build(model: str, bits: int, batch: int, attention: str, seed: int = 0):
-  quant = dict(enabled=True, weight_bits=bits, act_bits=bits, attention=attention)
+def build(model: str, bits: int, batch: int, attention: str, matmul: str, operands: str,
+          backward: str, teacher_precision: str, seed: int = 0):
+  quant = dict(enabled=True, weight_bits=bits, act_bits=bits, attention=attention,
+               matmul=matmul, matmul_operands=operands, matmul_backward=backward)
   student = create_model(model_config(model, quant=quant), nnx.Rngs(seed))
-  teacher = create_model(model_config(model), nnx.Rngs(seed + 1))
+  teacher = create_model(model_config(model, precision=teacher_precision), nnx.Rngs(seed + 1))
   rng = np.random.default_rng(seed)
   images = rng.normal(size=(batch, 224, 224, 3)).astype(np.float32)
   labels = rng.integers(0, 1000, size=(batch,)).astype(np.int32)
   calibrate(student, jnp.asarray(images))
   return student, teacher, {"image": images, "label": labels}
+
+
+def gemm_rate(size: int = 1024, repeats: int = 5) -> float:
+  """This machine's float32 GEMM rate (FLOP/s) at ``precision='highest'``, measured here."""
+  a = jnp.asarray(np.random.default_rng(0).normal(size=(size, size)), jnp.float32)
+  matmul = jax.jit(lambda x, y: jnp.matmul(x, y, precision="highest"))
+  jax.block_until_ready(matmul(a, a))
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(matmul(a, a))
+    times.append(time.perf_counter() - start)
+  return 2.0 * size ** 3 / float(np.median(times))
+
+
+def _choices(value: str, both: tuple[str, str]) -> tuple[str, ...]:
+  return both if value == "both" else (value,)
 
 
 def main(argv=None) -> dict:
@@ -51,73 +74,86 @@ def main(argv=None) -> dict:
   parser.add_argument("--attention", choices=("qkr", "standard"), default="qkr")
   parser.add_argument("--tracking", choices=("on", "off", "both"), default="on",
                       help="oscillation tracking in the step (both: time each, alternately)")
+  parser.add_argument("--matmul", choices=("fake", "integer", "both"), default="fake",
+                      help="model.quant.matmul (both: time each, alternately)")
+  parser.add_argument("--operands", choices=integer.OPERANDS, default="auto")
+  parser.add_argument("--backward", choices=tuple(integer.BACKWARD_PRECISIONS),
+                      default="float32", help="backward matmul precision (integer mode)")
+  parser.add_argument("--teacher-precision", choices=("highest", "high", "default"),
+                      default="highest")
   parser.add_argument("--json", action="store_true")
   args = parser.parse_args(argv)
 
   mesh = sharding.make_mesh()
   sharding.check_batch(args.batch, mesh)
-  student, teacher, host_batch = build(args.model, args.bits, args.batch, args.attention)
   schedule = optim.epoch_schedule(1000, base_lr=5e-4, epochs=300, warmup_epochs=5)
-  tx = optim.adamw(schedule, weight_decay=0.05,
-                   mask=optim.weight_decay_mask(nnx.state(student, nnx.Param)))
-  placed_teacher = step_lib.place_teacher(teacher, mesh)
-  teacher_state = placed_teacher.state
-  batch = sharding.global_batch(host_batch, mesh)
   loss = losses.stage_loss(distill=True, num_classes=1000)
-  variants = ("off", "on") if args.tracking == "both" else (args.tracking,)
   runs = {}
-  for variant in variants:  # the state and step the training loop builds
-    spec = step_lib.create_train_state(student, tx, mesh,
-                                       tracking=tracking_config(enabled=variant == "on"))
-    run_state = step_lib.initial_state(student, tx, spec)
-    step = step_lib.make_train_step(spec, loss, tx, schedule, teacher=placed_teacher)
-    start = time.perf_counter()
-    compiled = step.lower(run_state, batch, teacher_state).compile()
-    compile_seconds = time.perf_counter() - start
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
-    run_state, metrics = compiled(run_state, batch, teacher_state)  # warm-up
-    jax.block_until_ready(metrics)
-    runs[variant] = dict(compiled=compiled, state=run_state, flops=flops,
-                         compile_seconds=compile_seconds, times=[])
-  for _ in range(args.steps):  # alternate, so both see the same machine state
-    for variant in variants:
-      run = runs[variant]
+  for tracking in _choices(args.tracking, ("off", "on")):
+    for matmul in _choices(args.matmul, ("fake", "integer")):
+      student, teacher, host_batch = build(args.model, args.bits, args.batch, args.attention,
+                                           matmul, args.operands, args.backward,
+                                           args.teacher_precision)
+      batch = sharding.global_batch(host_batch, mesh)
+      tx = optim.adamw(schedule, weight_decay=0.05,
+                       mask=optim.weight_decay_mask(nnx.state(student, nnx.Param)))
+      placed_teacher = step_lib.place_teacher(teacher, mesh)
+      # The state and step the training loop builds.
+      spec = step_lib.create_train_state(student, tx, mesh,
+                                         tracking=tracking_config(enabled=tracking == "on"))
+      state = step_lib.initial_state(student, tx, spec)
+      step = step_lib.make_train_step(spec, loss, tx, schedule, teacher=placed_teacher)
       start = time.perf_counter()
-      run["state"], metrics = run["compiled"](run["state"], batch, teacher_state)
+      compiled = step.lower(state, batch, placed_teacher.state).compile()
+      compile_seconds = time.perf_counter() - start
+      cost = compiled.cost_analysis()
+      cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+      flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+      state, metrics = compiled(state, batch, placed_teacher.state)  # warm-up
+      jax.block_until_ready(metrics)
+      runs[tracking, matmul] = dict(compiled=compiled, state=state, batch=batch,
+                                    teacher=placed_teacher.state, flops=flops,
+                                    compile_seconds=compile_seconds, times=[])
+  for _ in range(args.steps):  # alternate, so every variant sees the same machine state
+    for run in runs.values():
+      start = time.perf_counter()
+      run["state"], metrics = run["compiled"](run["state"], run["batch"], run["teacher"])
       jax.block_until_ready(metrics)
       run["times"].append(time.perf_counter() - start)
+  gemm = gemm_rate()
   results = []
-  for variant in variants:
-    run = runs[variant]
+  for (tracking, matmul), run in runs.items():
     step_seconds = float(np.median(run["times"]))
     results.append({
         "model": args.model, "bits": args.bits, "batch": args.batch,
-        "attention": args.attention, "tracking": variant,
+        "attention": args.attention, "tracking": tracking, "matmul": matmul,
+        "operands": args.operands, "backward": args.backward,
+        "teacher_precision": args.teacher_precision,
         "device": jax.devices()[0].device_kind,
         "images_per_sec": args.batch / step_seconds, "step_seconds": step_seconds,
-        "flops_per_sec": run["flops"] / step_seconds,
+        "flops_per_sec": run["flops"] / step_seconds, "gemm_flops_per_sec": gemm,
+        "gemm_fraction": run["flops"] / step_seconds / gemm,
         "compile_seconds": run["compile_seconds"],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
     })
-  result = results[-1]
-  if len(results) == 2:
-    result = dict(result, tracking_overhead=results[1]["step_seconds"] /
-                  results[0]["step_seconds"] - 1.0)
+  result = dict(results[-1], variants=results)
   if args.json:
     print(json.dumps(result))
   else:
-    print(f"{'model':<8}{'bits':>5}{'batch':>6}{'tracking':>9}{'img/s':>9}{'step s':>9}"
-          f"{'GFLOP/s':>10}{'compile s':>11}{'peak RSS MB':>13}")
-    for r in results:
-      print(f"{args.model:<8}{args.bits:>5}{args.batch:>6}{r['tracking']:>9}"
-            f"{r['images_per_sec']:>9.2f}{r['step_seconds']:>9.3f}"
-            f"{r['flops_per_sec'] / 1e9:>10.1f}{r['compile_seconds']:>11.1f}"
-            f"{r['peak_rss_mb']:>13.0f}")
-    if "tracking_overhead" in result:
-      print(f"tracking overhead: {100 * result['tracking_overhead']:+.1f} % step time")
+    _print_table(results)
   return result
+
+
+def _print_table(results: list[dict]) -> None:
+  print(f"{'model':<7}{'bits':>5}{'batch':>6}{'tracking':>9}{'matmul':>9}{'img/s':>9}"
+        f"{'step s':>9}{'GFLOP/s':>9}{'of GEMM':>9}{'compile s':>10}{'RSS MB':>8}")
+  for r in results:
+    print(f"{r['model']:<7}{r['bits']:>5}{r['batch']:>6}{r['tracking']:>9}{r['matmul']:>9}"
+          f"{r['images_per_sec']:>9.2f}{r['step_seconds']:>9.3f}"
+          f"{r['flops_per_sec'] / 1e9:>9.1f}{100 * r['gemm_fraction']:>8.1f}%"
+          f"{r['compile_seconds']:>10.1f}{r['peak_rss_mb']:>8.0f}")
+  print(f"float32 GEMM rate here: {results[0]['gemm_flops_per_sec'] / 1e9:.1f} GFLOP/s "
+        "(1024^3, precision='highest')")
 
 
 if __name__ == "__main__":

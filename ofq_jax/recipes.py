@@ -68,7 +68,9 @@ def base() -> ml_collections.ConfigDict:
   config.mesh = _dict(data=-1, fsdp=1)
   config.optim = _dict(b1=0.9, b2=0.999, eps=1e-8, grad_clip_norm=0.0)
   # Soft targets are the teacher's cls-head logits (spec 5.1, item 7.4); 'avg' uses both.
-  config.kd = _dict(teacher_logits="cls")
+  # teacher_precision: the KD teacher's matmul precision ('highest' = float32, as the
+  # reference; 'high' = bf16x3, 'default' = the platform's fastest, e.g. bf16 / TF32).
+  config.kd = _dict(teacher_logits="cls", teacher_precision="highest")
   config.float = _dict(epochs=0, cooldown_epochs=0, lr=0.0, warmup_epochs=0, warmup_lr=0.0,
                        min_lr=0.0, weight_decay=0.0, init_from="")
   config.qat = _dict(epochs=0, cooldown_epochs=0, lr=0.0, warmup_epochs=0, warmup_lr=1e-6,

@@ -15,6 +15,7 @@ Adding a stage means adding a builder and its input check to ``STAGES``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from collections.abc import Callable, Iterator
@@ -34,6 +35,7 @@ from ofq_jax.data import DataSource, steps_per_epoch
 from ofq_jax.errors import MissingInputError, UserError
 from ofq_jax.interop import load_timm_deit, quantize_from_float
 from ofq_jax.models import calibrate, create_model, float_config, quantized_config
+from ofq_jax.models.config import PRECISIONS
 from ofq_jax.models.quantizers import QuantBuffer
 from ofq_jax.models.rounded import cga_targets
 
@@ -107,6 +109,13 @@ def load_float_model(source: str, workdir: str, model_config) -> nnx.Module:
   return load_timm_deit(source, cfg)
 
 
+def load_teacher(config, workdir: str) -> nnx.Module:
+  """The KD teacher (``qat.teacher``) at the precision ``kd.teacher_precision`` asks for."""
+  model = copy.deepcopy(config.model)
+  model.precision = config.kd.get("teacher_precision", model.precision)
+  return load_float_model(config.qat.teacher, workdir, model)
+
+
 def _adamw(config, hyper, schedule: optax.Schedule, student: nnx.Module
            ) -> optax.GradientTransformation:
   params = nnx.state(student, nnx.Param)
@@ -145,7 +154,7 @@ def build_float_plan(config, run: Run) -> StagePlan:
 
 def build_qat_plan(config, run: Run) -> StagePlan:
   hyper, seed = config.qat, run.seed("qat")
-  teacher = load_float_model(hyper.teacher, run.workdir, config.model)
+  teacher = load_teacher(config, run.workdir)
   student = quantize_from_float(teacher, quantized_config(config.model), seed=seed)
   schedule = _epoch_schedule(hyper, run)
   tx = _adamw(config, hyper, schedule, student)
@@ -166,7 +175,7 @@ def build_qat_plan(config, run: Run) -> StagePlan:
 
 def build_cga_plan(config, run: Run) -> StagePlan:
   hyper, seed = config.cga, run.seed("cga")
-  teacher = load_float_model(config.qat.teacher, run.workdir, config.model)
+  teacher = load_teacher(config, run.workdir)
   # Only the structure matters: the values come from the QAT checkpoint.
   student = create_model(quantized_config(config.model), nnx.Rngs(seed))
   bits = cga.target_bits(nnx.state(student, nnx.Param), cga_targets(student, hyper.targets))
@@ -245,6 +254,9 @@ def check_float(config, workdir: str, quantized: nnx.Module | None) -> None:
 
 def check_qat(config, workdir: str, quantized: nnx.Module | None) -> None:
   del quantized
+  precision = config.kd.get("teacher_precision", "highest")
+  if precision not in PRECISIONS:
+    raise UserError(f"kd.teacher_precision={precision!r} is not one of {PRECISIONS}.")
   teacher = config.qat.teacher
   _exists("qat.teacher", teacher, "a timm / FB DeiT checkpoint (.pth, .npz, .safetensors) "
           "or an ofq_jax model directory (workdir/models/float)")

@@ -50,6 +50,12 @@ def quantizer_fixture(request) -> fixtures.QuantizerFixture:
   return fixtures.QuantizerFixture(request.param)
 
 
+@pytest.fixture(params=("fake", "integer"))
+def matmul(request) -> str:
+  """``model.quant.matmul``: the parity tests of the quantized model hold in both modes."""
+  return request.param
+
+
 @pytest.fixture(autouse=True)
 def _float32_unless_marked_x64(request):
   """Guards the float64 tier's isolation: no other test may run with x64 on."""

@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ofq_jax.models.layers import Precision, QDense, default_kernel_init, dense, move_bias
+from ofq_jax.models.layers import (Precision, QDense, WeightLevels, activation_levels,
+                                   default_kernel_init, move_bias, quantized_dense)
 from ofq_jax.models.quantizers import LsqQuantizer
 from ofq_jax.models.rounded import Rounds, RoundsTensors
 from ofq_jax.quant.rounding import Rounding
@@ -142,6 +143,15 @@ class QKRAttention(nnx.Module, RoundsTensors):
     wk = jnp.reshape(self.k_kernel[...], (dim, self.num_heads, self.head_dim))
     return jnp.einsum("rhe,che->hrc", wq, wk, precision=self.precision)
 
+  def _weight_levels(self, name: str) -> WeightLevels | None:
+    """The unit per output column of the kernel ``name`` multiplies with: ``v_kernel``
+    ``(D, D)``, or the product laid out as ``(D_c, H * D_r)`` (one unit per (head, row))."""
+    if not self.spec.quantize_weights:
+      return None
+    rounding = self.declaration(name).rounding
+    unit = rounding.unit(self.value(name))  # (1, D) or (H, D_r, 1)
+    return WeightLevels(jnp.reshape(unit, (1, -1)), rounding.level_range)
+
   def quantized_qk_product(self) -> jax.Array:
     return self.rounded("qk_product") if self.spec.quantize_weights else self.qk_product()
 
@@ -149,10 +159,15 @@ class QKRAttention(nnx.Module, RoundsTensors):
     batch, tokens, dim = x.shape
     heads, head_dim = self.num_heads, self.head_dim
     acts = self.input_quant is not None
-    xq = self.input_quant(x + self.move_b4[...]) + self.move_aft[...] if acts else x
+    xq, x_levels = x, None
+    if acts:
+      quantized = self.input_quant(x + self.move_b4[...])
+      xq = quantized + self.move_aft[...]
+      x_levels = activation_levels(quantized, self.input_quant, self.move_aft[...])
 
     v_kernel = self.rounded("v_kernel") if self.spec.quantize_weights else self.v_kernel[...]
-    v = dense(xq, v_kernel, self.precision) + self.v_bias[...]
+    v = quantized_dense(xq, v_kernel, self.precision, self.spec, x_levels,
+                        self._weight_levels("v_kernel")) + self.v_bias[...]
     if acts:
       v = self.v_quant(v + self.move_v_b4[...]) + self.move_v_aft[...]
     v = jnp.transpose(jnp.reshape(v, (batch, tokens, heads, head_dim)), (0, 2, 1, 3))
@@ -160,7 +175,9 @@ class QKRAttention(nnx.Module, RoundsTensors):
     # Key side: t[b, j, h, r] = sum_c W_qk[h, r, c] xq[b, j, c], one GEMM over all heads.
     wqk = self.quantized_qk_product()  # (H, D_r, D_c)
     wqk_2d = jnp.reshape(jnp.transpose(wqk, (2, 0, 1)), (dim, heads * dim))
-    keys = jnp.reshape(dense(xq, wqk_2d, self.precision), (batch, tokens, heads, dim))
+    keys = quantized_dense(xq, wqk_2d, self.precision, self.spec, x_levels,
+                           self._weight_levels("qk_product"))
+    keys = jnp.reshape(keys, (batch, tokens, heads, dim))
     if acts:
       keys = keys + jnp.reshape(self.move_qkx_b4[...], (heads, dim))
       keys = self.qkx_quant(keys) + jnp.reshape(self.move_qkx_aft[...], (heads, dim))

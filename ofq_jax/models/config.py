@@ -9,6 +9,7 @@ from typing import Any
 import ml_collections
 
 from ofq_jax.errors import UserError
+from ofq_jax.quant import integer
 from ofq_jax.quant.rules import WEIGHT_METHODS
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -42,6 +43,13 @@ def _quant_config() -> ml_collections.ConfigDict:
   # Reference quirk 7.3: QKR drops the query/key biases ('drop'). 'fold' keeps the
   # pretrained attention exactly through a per-head key bias W_k^T b_q.
   quant.qk_bias = "drop"
+  # How quantized matmuls run (ofq_jax.quant.integer): 'fake' (float32 fake-quant, the
+  # reference's arithmetic) or 'integer' (integer levels, exact sums, scales outside; the
+  # same gradients). Operand dtype: 'auto' (per platform) | float32 | bfloat16 | int8;
+  # backward matmul precision: float32 | bf16x3 | bf16.
+  quant.matmul = "fake"
+  quant.matmul_operands = "auto"
+  quant.matmul_backward = "float32"
   # Extra rules before the defaults, e.g. ('blocks\\.0\\..*=float', 'head=w8a8:lsq');
   # see ofq_jax.quant.rules.
   quant.rules = ()
@@ -103,7 +111,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise UserError(f"model.quant.{field}={bits!r} is not an integer in [2, 8]; the paper "
                       "trains 2, 3 or 4 bits (a layer can be kept float in quant.rules).")
   choices = dict(weight_method=WEIGHT_METHODS, attention=ATTENTIONS, attn_proj_init=ATTN_INITS,
-                 attn_qkv_init=ATTN_INITS, qk_bias=QK_BIASES)
+                 attn_qkv_init=ATTN_INITS, qk_bias=QK_BIASES, matmul=integer.MATMULS,
+                 matmul_operands=integer.OPERANDS,
+                 matmul_backward=tuple(integer.BACKWARD_PRECISIONS))
   for field, allowed in choices.items():
     if quant[field] not in allowed:
       raise UserError(f"quant.{field}={quant[field]!r} is not one of {allowed}.")

@@ -9,12 +9,15 @@ NHWC, tokens ``(B, N, D)``.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from ofq_jax.models.quantizers import ImageQuantizer, LsqQuantizer
 from ofq_jax.models.rounded import Rounds, RoundsTensors
+from ofq_jax.quant import integer
 from ofq_jax.quant.rounding import weight_rounding
 from ofq_jax.quant.rules import QuantSpec
 
@@ -48,6 +51,43 @@ def dense(x: jax.Array, kernel: jax.Array, precision: Precision) -> jax.Array:
   lead = x.shape[:-1]
   y = jnp.matmul(jnp.reshape(x, (-1, x.shape[-1])), kernel, precision=precision)
   return jnp.reshape(y, lead + (kernel.shape[-1],))
+
+
+class Levels(NamedTuple):
+  """A quantized operand's integer form: ``levels * unit + shift`` (see quant/integer.py)."""
+  levels: jax.Array
+  unit: jax.Array  # broadcastable to levels; size 1 on the contracted (last) axis
+  shift: jax.Array  # (K,): the move bias added after the quantizer
+  level_range: tuple[int, int]
+
+
+class WeightLevels(NamedTuple):
+  """A quantized kernel's integer form: ``kernel = unit * integer`` per output column."""
+  unit: jax.Array  # (1, N)
+  level_range: tuple[int, int]
+
+
+def activation_levels(quantized: jax.Array, quantizer: LsqQuantizer, shift: jax.Array
+                      ) -> Levels:
+  """``quantized`` (an output of ``quantizer``, before ``shift``) as levels."""
+  unit = quantizer.unit(quantized.shape)
+  return Levels(integer.integer_levels(quantized, unit), unit, shift, quantizer.level_range)
+
+
+def quantized_dense(x: jax.Array, kernel: jax.Array, precision: Precision, spec: QuantSpec,
+                    x_levels: Levels | None = None, w_levels: WeightLevels | None = None
+                    ) -> jax.Array:
+  """``x @ kernel``: on integer levels when ``spec.matmul == 'integer'``, both operands
+  have an integer form and the sums are exact for this depth (``integer.plan``);
+  otherwise as float fake-quant (``dense``), e.g. past the exact-accumulation bound."""
+  if spec.matmul == "integer" and x_levels is not None and w_levels is not None:
+    how = integer.plan(x.shape[-1], x_levels.level_range, w_levels.level_range,
+                       operand=spec.matmul_operands, backward=spec.matmul_backward,
+                       dtype=x.dtype)
+    if how is not None:
+      return integer.integer_dense(x, kernel, x_levels.levels, x_levels.unit,
+                                   x_levels.shift, w_levels.unit, how)
+  return dense(x, kernel, precision)
 
 
 def move_bias(size: int | tuple[int, ...]) -> nnx.Param:
@@ -111,15 +151,28 @@ class QDense(nnx.Module, RoundsTensors):
     """The kernel the forward pass multiplies with."""
     return self.rounded("kernel") if self.spec.quantize_weights else self.kernel[...]
 
-  def quantize_input(self, x: jax.Array) -> jax.Array:
+  def quantize_input(self, x: jax.Array) -> tuple[jax.Array, Levels | None]:
+    """The quantized input and its integer form (None when the input stays float)."""
     if self.input_quant is None:
-      return x
-    return self.input_quant(x + self.move_b4[...]) + self.move_aft[...]
+      return x, None
+    quantized = self.input_quant(x + self.move_b4[...])
+    shift = self.move_aft[...]
+    return quantized + shift, activation_levels(quantized, self.input_quant, shift)
+
+  def kernel_levels(self) -> WeightLevels | None:
+    """The quantized kernel's unit per output column (None for a float kernel)."""
+    rounds = self.rounds()
+    if not rounds:
+      return None
+    rounding = rounds[0].rounding
+    unit = rounding.unit(self.kernel[...], self.step(rounds[0]))
+    return WeightLevels(jnp.reshape(unit, (1, -1)), rounding.level_range)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.quantized_kernel()
-    x = self.quantize_input(x)
-    return dense(x, kernel, self.precision) + self.bias[...]
+    x, x_levels = self.quantize_input(x)
+    return quantized_dense(x, kernel, self.precision, self.spec, x_levels,
+                           self.kernel_levels()) + self.bias[...]
 
 
 class PatchEmbed(nnx.Module, RoundsTensors):

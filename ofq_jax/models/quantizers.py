@@ -11,8 +11,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ofq_jax.quant.lsq import (lsq_fake_quant_dynamic, lsq_initial_step, lsq_quantize,
-                               lsq_range, shared_count)
+from ofq_jax.quant.lsq import (floored_step, lsq_fake_quant_dynamic, lsq_initial_step,
+                               lsq_quantize, lsq_range, shared_count)
+from ofq_jax.quant.shapes import keep_axes_shape
 
 IMAGE_SIGN_THRESHOLD = -1e-5
 """An image whose minimum is below this makes the image quantizer signed, for good."""
@@ -55,6 +56,14 @@ class LsqQuantizer(nnx.Module):
     return lsq_quantize(x, self.step[...], bits=self.bits, signed=self.signed,
                         keep_axes=self.keep_axes, grad_batch=self.grad_batch,
                         batch_axis=self.batch_axis)
+
+  def unit(self, shape: tuple[int, ...]) -> jax.Array:
+    """The step an output of ``shape`` is an integer multiple of, broadcastable to it."""
+    return jnp.reshape(floored_step(self.step[...]), keep_axes_shape(shape, self.keep_axes))
+
+  @property
+  def level_range(self) -> tuple[int, int]:
+    return lsq_range(self.bits, self.signed)
 
 
 class ImageQuantizer(nnx.Module):

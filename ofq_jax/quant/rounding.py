@@ -59,6 +59,22 @@ class Rounding:
     qn, qp = lsq_range(self.bits, self.signed)
     return lsq_levels(x, self._step(x, step), qn, qp)
 
+  @property
+  def level_range(self) -> tuple[int, int]:
+    """The range of ``apply``'s integer form (``apply = unit * integer``): StatsQ's odd
+    ``2k + 1`` within ``±(2**bits - 1)``; LSQ's ``[Qn, Qp]``."""
+    if self.method == "statsq":
+      return -(2 ** self.bits - 1), 2 ** self.bits - 1
+    return lsq_range(self.bits, self.signed)
+
+  def unit(self, x: jax.Array, step: jax.Array | None = None) -> jax.Array:
+    """``apply(x) / unit`` is an integer: StatsQ's ``2 mean|w| / 2**bits`` (mid-rise
+    levels ``(k + 0.5) / n`` are the odd ``2k + 1`` over ``2n``), LSQ's floored step.
+    Shaped to broadcast against ``x``."""
+    if self.method == "statsq":
+      return statsq_scale(x, self.reduce_axes) / (2.0 ** self.bits)
+    return floored_step(self._step(x, step))
+
   def scale(self, x: jax.Array, step: jax.Array | None = None) -> jax.Array:
     """The per-channel scale, flattened: StatsQ's ``2 mean|w|`` or LSQ's floored step."""
     if self.method == "statsq":

@@ -36,6 +36,11 @@ class QuantSpec:
   # Batch size in every LSQ activation step's gradient scale 1/sqrt(Qp*M) (spec 7.6);
   # None: the batch the quantizer sees. Set for every rule from quant.lsq_grad_batch.
   grad_batch: int | None = None
+  # How quantized matmuls run (ofq_jax.quant.integer): 'fake' float fake-quant, or
+  # 'integer' levels with exact accumulation; the operand dtype and backward precision.
+  matmul: str = "fake"
+  matmul_operands: str = "auto"
+  matmul_backward: str = "float32"
 
   def __post_init__(self):
     if self.weight_bits is not None:
@@ -133,8 +138,10 @@ class QuantRules:
     user: Sequence[Any] = tuple(quant.get("rules", ()) or ())
     rules = [parse_rule(r) for r in user] + default_rules(
         quant.weight_bits, quant.act_bits, quant.weight_method)
-    grad_batch = quant.get("lsq_grad_batch")
-    return cls([(pattern, dataclasses.replace(spec, grad_batch=grad_batch))
+    shared = dict(grad_batch=quant.get("lsq_grad_batch"), matmul=quant.get("matmul", "fake"),
+                  matmul_operands=quant.get("matmul_operands", "auto"),
+                  matmul_backward=quant.get("matmul_backward", "float32"))
+    return cls([(pattern, dataclasses.replace(spec, **shared))
                 for pattern, spec in rules], num_user=len(user))
 
   def check_all_matched(self) -> None:

@@ -51,7 +51,7 @@ class DeitFixture:
     """NCHW fixture images as NHWC (float64: the exact cast of the float32 pixels)."""
     return np.ascontiguousarray(self.arrays[key].transpose(0, 2, 3, 1)).astype(dtype)
 
-  def config(self):
+  def config(self, matmul: str = "fake"):
     from ofq_jax.models import model_config  # pylint: disable=import-outside-toplevel
     meta = self.meta
     variant = meta["variant"]
@@ -61,7 +61,8 @@ class DeitFixture:
         distilled=meta["distilled"],
         quant=dict(enabled=True, weight_bits=meta["bits"], act_bits=meta["bits"],
                    weight_method="lsq" if variant == "lsq" else "statsq",
-                   attention="qkr" if variant == "qkr" else "standard"))
+                   attention="qkr" if variant == "qkr" else "standard",
+                   matmul=matmul))
 
 
 def array_group(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:

@@ -33,8 +33,8 @@ def test_float_model_reproduces_fp_logits(deit_fixture):
   _check_logits("float logits (abs)", deit_fixture.name, logits, deit_fixture.arrays["fp_logits"])
 
 
-def test_quantized_outputs_match(deit_fixture):
-  model = load_ofq_torch(deit_fixture.group("q"), deit_fixture.config())
+def test_quantized_outputs_match(deit_fixture, matmul):
+  model = load_ofq_torch(deit_fixture.group("q"), deit_fixture.config(matmul))
   images = jnp.asarray(deit_fixture.images("x_eval"))
   z, name = deit_fixture.arrays, deit_fixture.name
   _check_logits("quantized logits (abs)", f"{name}:eval", model(images, train=False),

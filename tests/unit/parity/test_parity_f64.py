@@ -24,6 +24,7 @@ from ofq_jax.interop import (export_ofq_torch, load_ofq_torch, load_timm_deit,
                              quantize_from_float)
 from ofq_jax.interop.names import state_to_torch
 from ofq_jax.models import calibrate
+from ofq_jax.quant import integer
 from ofq_jax.quant import (cga_frozen_mask, lsq_initial_step, lsq_quantize, lsq_range,
                            statsq_quantize)
 from support.fixtures import DEIT_FIXTURES, DeitFixture, array_group, check_parity
@@ -63,8 +64,8 @@ def _check(quantity: str, where: str, value: float, tol: float = TOL) -> None:
   check_parity("f64", quantity, where, value, tol)
 
 
-def _quantized(deit_fixture):
-  return load_ofq_torch(deit_fixture.group("q"), deit_fixture.config(), dtype=F64)
+def _quantized(deit_fixture, matmul="fake"):
+  return load_ofq_torch(deit_fixture.group("q"), deit_fixture.config(matmul), dtype=F64)
 
 
 def _train_loss(deit_fixture):
@@ -84,9 +85,9 @@ def test_float_model(deit_fixture):
          _abs_diff(logits, deit_fixture.arrays["f64/fp_logits"]))
 
 
-def test_calibration(deit_fixture):
+def test_calibration(deit_fixture, matmul):
   """precalib/ + x_calib, calibrated in float64 -> every f64/qinit/ step and the sign."""
-  model = load_ofq_torch(deit_fixture.group("precalib"), deit_fixture.config(),
+  model = load_ofq_torch(deit_fixture.group("precalib"), deit_fixture.config(matmul),
                          calibrated=False, dtype=F64)
   calibrate(model, jnp.asarray(deit_fixture.images("x_calib", F64)))
   got = state_to_torch(nnx.state(model))
@@ -101,22 +102,33 @@ def test_calibration(deit_fixture):
   np.testing.assert_array_equal(got[sign], expected[sign])
 
 
-def test_outputs(deit_fixture):
-  model = _quantized(deit_fixture)
+def test_outputs(deit_fixture, matmul, monkeypatch):
+  """Logits in both matmul modes; in 'integer' mode every quantized dense product of the
+  blocks (and the 8-bit heads) does run on integer levels (counted at trace time)."""
+  model = _quantized(deit_fixture, matmul)
   images = jnp.asarray(deit_fixture.images("x_eval", F64))
   z = deit_fixture.arrays
   name = deit_fixture.name
+  calls = []
+  real = integer.integer_dense
+  monkeypatch.setattr(integer, "integer_dense", lambda *a: calls.append(a[1].shape) or real(*a))
   _check("quantized logits (abs)", f"{name}:eval",
          _abs_diff(model(images, train=False), z["f64/eval_logits"]))
+  meta = deit_fixture.meta
+  # Per block: v and W_qk (QKR) or qkv, then proj, fc1, fc2; then the heads. The patch
+  # embedding keeps fake-quant (its per-pixel steps sit on the contracted axis).
+  per_block = 5 if meta["variant"] == "qkr" else 4
+  expected = meta["depth"] * per_block + (2 if meta["distilled"] else 1)
+  assert len(calls) == (expected if matmul == "integer" else 0), calls
   cls_logits, dist_logits = model(images, train=True)
   _check("quantized logits (abs)", f"{name}:train_cls", _abs_diff(cls_logits, z["f64/train_cls"]))
   _check("quantized logits (abs)", f"{name}:train_dist",
          _abs_diff(dist_logits, z["f64/train_dist"]))
 
 
-def test_gradients(deit_fixture):
+def test_gradients(deit_fixture, matmul):
   """grad of sum(train_cls*g_cls) + sum(train_dist*g_dist) w.r.t. every parameter."""
-  grads = state_to_torch(nnx.grad(_train_loss(deit_fixture))(_quantized(deit_fixture)))
+  grads = state_to_torch(nnx.grad(_train_loss(deit_fixture))(_quantized(deit_fixture, matmul)))
   expected = array_group(deit_fixture.arrays, "f64/grad")
   assert set(grads) == set(expected)
   total = np.sqrt(sum(np.sum(g ** 2) for g in expected.values()))
@@ -163,9 +175,9 @@ def test_loaders_keep_a_float64_state():
   assert {leaf.dtype for leaf in jax.tree.leaves(nnx.state(quantized))} == {np.dtype(F64)}
 
 
-def test_eager_equals_jit(deit_fixture):
+def test_eager_equals_jit(deit_fixture, matmul):
   """In float64 the op-by-op and the compiled forward agree to 1e-9 (eval and train)."""
-  model = _quantized(deit_fixture)
+  model = _quantized(deit_fixture, matmul)
   images = jnp.asarray(deit_fixture.images("x_eval", F64))
   jitted = nnx.jit(lambda m, x, train: m(x, train=train), static_argnums=2)
   with jax.disable_jit():

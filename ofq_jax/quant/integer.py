@@ -1,0 +1,161 @@
+"""Integer-domain matmul of a quantized activation and a quantized weight.
+
+OFQ's numbers are integers in disguise. A quantized activation entering a dense layer is
+``x = s_x * k_x + m`` (LSQ: integer levels ``k_x`` times a step ``s_x`` indexed by the
+token, i.e. constant along the contracted feature axis, plus the move bias ``m`` added
+after the quantizer); a quantized weight is ``w = c_w * k_w`` with one ``c_w`` per output
+column (StatsQ: ``c_w = 2 mean|w| / (2n)`` and odd ``k_w = 2k + 1``; LSQ: ``c_w`` its
+step). Both scales sit on non-contracted axes, so
+
+    x @ w = s_x * (k_x @ k_w) * c_w + m @ w
+
+where ``k_x @ k_w`` has small-integer operands that int8, bfloat16 or float32 hold
+exactly, and a sum that an int32 or float32 accumulator holds exactly while
+``K * max|k_x| * max|k_w|`` stays within ``2**31 - 1`` (int32) or ``2**24`` (float32):
+the number the reference computes, computed more exactly than float32 fake-quant does.
+Past the bound there is no exact integer form and the layer keeps the fake path.
+
+Gradients are the fake path's exactly: ``integer_dense``'s backward is the VJP of
+``x @ w`` (the quantizers' straight-through gradients sit outside it), with its own
+matmul precision (float32, bf16x3 or bf16).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+MATMULS = ("fake", "integer")
+OPERANDS = ("auto", "float32", "bfloat16", "int8")
+BACKWARD_PRECISIONS = {"float32": jax.lax.Precision.HIGHEST, "bf16x3": jax.lax.Precision.HIGH,
+                       "bf16": jax.lax.Precision.DEFAULT}
+
+# Largest integer sum an accumulator holds exactly; the integers a dtype holds exactly.
+_EXACT_SUM = {"int32": 2 ** 31 - 1, "float32": 2 ** 24, "float64": 2 ** 53}
+_EXACT_OPERAND = {"int8": (-128, 127), "bfloat16": (-256, 256), "float32": (-2 ** 24, 2 ** 24),
+                  "float64": (-2 ** 53, 2 ** 53)}
+_ACCUMULATOR = {"int8": "int32", "bfloat16": "float32", "float32": "float32",
+                "float64": "float64"}
+
+
+@dataclasses.dataclass(frozen=True)
+class IntegerPlan:
+  """How one product runs: operand and accumulator dtypes, the backward's precision."""
+  operand: str
+  accumulator: str
+  backward: jax.lax.Precision
+
+
+def default_operand(platform: str) -> str:
+  """The fastest exact operand dtype measured per platform: float32 on CPU (no fast
+  int8 / bf16 GEMM there), int8 on GPUs (int8 tensor cores), bfloat16 on TPUs."""
+  return {"cpu": "float32", "gpu": "int8", "cuda": "int8", "rocm": "int8"}.get(
+      platform, "bfloat16")
+
+
+LevelRange = tuple[int, int]
+
+
+def _magnitude(levels: LevelRange) -> int:
+  return max(abs(levels[0]), abs(levels[1]))
+
+
+def accumulation_bound(depth: int, x_levels: LevelRange, w_levels: LevelRange) -> int:
+  """The largest magnitude a sum of ``depth`` products of such levels can reach."""
+  return depth * _magnitude(x_levels) * _magnitude(w_levels)
+
+
+def _holds(dtype: str, levels: LevelRange) -> bool:
+  lo, hi = _EXACT_OPERAND[dtype]
+  return lo <= levels[0] and levels[1] <= hi
+
+
+def plan(depth: int, x_levels: LevelRange, w_levels: LevelRange, *, operand: str = "auto",
+         backward: str = "float32", dtype=jnp.float32) -> IntegerPlan | None:
+  """The exact plan for a ``depth``-long contraction of integer levels in the ranges
+  ``x_levels`` and ``w_levels`` (inclusive), or None when no operand / accumulator pair
+  is exact (the caller keeps fake-quant).
+
+  ``operand='auto'`` picks the platform's fastest (``default_operand``) and falls back to
+  wider dtypes when the levels do not fit; a float64 run uses float64 throughout.
+  """
+  if operand not in OPERANDS:
+    raise ValueError(f"quant.matmul_operands={operand!r} is not one of {OPERANDS}.")
+  if backward not in BACKWARD_PRECISIONS:
+    raise ValueError(f"quant.matmul_backward={backward!r} is not one of "
+                     f"{tuple(BACKWARD_PRECISIONS)}.")
+  if jnp.dtype(dtype) == jnp.float64:
+    candidates = ["float64"]
+  elif operand == "auto":
+    first = default_operand(jax.default_backend())
+    candidates = ["int8", "bfloat16", "float32"][["int8", "bfloat16", "float32"].index(first):]
+  else:
+    candidates = [operand]
+  bound = accumulation_bound(depth, x_levels, w_levels)
+  for name in candidates:
+    accumulator = _ACCUMULATOR[name]
+    if (_holds(name, x_levels) and _holds(name, w_levels)
+        and bound <= _EXACT_SUM[accumulator]):
+      return IntegerPlan(name, accumulator, BACKWARD_PRECISIONS[backward])
+  return None
+
+
+def integer_levels(value: jax.Array, unit: jax.Array) -> jax.Array:
+  """The integer each entry of ``value`` (a multiple of ``unit``) stands for, as floats.
+
+  Exact: a fake-quantized entry is ``fl(k * unit)``, so ``value / unit`` is within a few
+  ulps of the integer ``k``, far below the 0.5 that rounding tolerates."""
+  return jnp.round(value / unit)
+
+
+def _as_2d(x: jax.Array) -> jax.Array:
+  return jnp.reshape(x, (-1, x.shape[-1]))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def integer_dense(x: jax.Array, w: jax.Array, levels_x: jax.Array, unit_x: jax.Array,
+                  shift: jax.Array, unit_w: jax.Array, how: IntegerPlan) -> jax.Array:
+  """``x @ w`` over the last axis of ``x``, computed on integer levels.
+
+  Args:
+    x: the layer's input as fake-quant gives it, ``unit_x * levels_x + shift``.
+    w: the fake-quantized ``(K, N)`` kernel, ``unit_w * integer levels``.
+    levels_x: the integer levels of ``x`` (as floats), shaped like ``x``.
+    unit_x: the activation step, broadcastable to ``x`` with size 1 on the last axis.
+    shift: the move bias added after the quantizer, ``(K,)`` (zeros when there is none).
+    unit_w: ``(1, N)``: the weight's scale per output column.
+    how: from ``plan``.
+
+  Only ``x`` and ``w`` receive gradients (the fake path's); the other inputs describe
+  them and get zero cotangents.
+  """
+  lead = x.shape[:-1]
+  levels_w = integer_levels(w, unit_w)
+  operand = jnp.dtype(how.operand)
+  sums = jax.lax.dot_general(
+      _as_2d(levels_x).astype(operand), levels_w.astype(operand), (((1,), (0,)), ((), ())),
+      preferred_element_type=jnp.dtype(how.accumulator))
+  rows = jnp.reshape(jnp.broadcast_to(unit_x, lead + (1,)), (-1, 1))
+  out = (sums.astype(x.dtype) * rows) * unit_w
+  out = out + jnp.matmul(shift[None, :], w, precision=jax.lax.Precision.HIGHEST)
+  return jnp.reshape(out, lead + (w.shape[-1],))
+
+
+def _integer_dense_fwd(x, w, levels_x, unit_x, shift, unit_w, how):
+  out = integer_dense(x, w, levels_x, unit_x, shift, unit_w, how)
+  return out, (x, w, levels_x, unit_x, shift, unit_w)
+
+
+def _integer_dense_bwd(how, residuals, g):
+  x, w, levels_x, unit_x, shift, unit_w = residuals
+  g2 = _as_2d(g)
+  dx = jnp.reshape(jnp.matmul(g2, w.T, precision=how.backward), x.shape)
+  dw = jnp.matmul(_as_2d(x).T, g2, precision=how.backward)
+  zeros = tuple(jnp.zeros_like(a) for a in (levels_x, unit_x, shift, unit_w))
+  return (dx, dw) + zeros
+
+
+integer_dense.defvjp(_integer_dense_fwd, _integer_dense_bwd)
