@@ -6,14 +6,18 @@ except its output projection, which is a ``QDense`` with its own spec.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from ofq_jax.models.layers import (Precision, QDense, WeightLevels, activation_levels,
-                                   default_kernel_init, move_bias, quantized_dense)
+from ofq_jax.models.layers import (Levels, Precision, QDense, WeightLevels,
+                                   activation_levels, default_kernel_init, move_bias,
+                                   quantized_dense)
 from ofq_jax.models.quantizers import LsqQuantizer
 from ofq_jax.models.rounded import Rounds, RoundsTensors
+from ofq_jax.quant import integer
 from ofq_jax.quant.rounding import Rounding
 from ofq_jax.quant.rules import QuantSpec
 
@@ -27,9 +31,60 @@ def _maybe_lsq(spec: QuantSpec):
   return make
 
 
-def _softmax_probs(logits: jax.Array, quantizer: LsqQuantizer | None) -> jax.Array:
-  probs = jax.nn.softmax(logits, axis=-1)
-  return probs if quantizer is None else quantizer(probs)
+class Operand(NamedTuple):
+  """A product's operand: the value fake-quant multiplies and, when quantized, its
+  integer form ``levels * unit + shift`` (``ofq_jax.quant.integer.integer_matmul``)."""
+  value: jax.Array
+  levels: jax.Array | None = None
+  unit: jax.Array | None = None
+  shift: jax.Array | None = None
+  level_range: tuple[int, int] | None = None
+
+  def transpose(self, axes: tuple[int, ...]) -> Operand:
+    """The same operand with every part's axes permuted."""
+    move = lambda t: None if t is None else jnp.transpose(t, axes)
+    return Operand(move(self.value), move(self.levels), move(self.unit), move(self.shift),
+                   self.level_range)
+
+
+def quantize_operand(x: jax.Array, quantizer: LsqQuantizer | None,
+                     shift: jax.Array | None = None) -> Operand:
+  """``quantizer(x) + shift`` with its integer form (just ``x`` when unquantized)."""
+  if quantizer is None:
+    return Operand(x)
+  quantized = quantizer(x)
+  unit = quantizer.unit(quantized.shape)
+  levels = integer.integer_levels(quantized, unit)
+  if shift is not None:  # at the value's rank, so that it moves with the value's axes
+    shift = jnp.reshape(shift, (1,) * (quantized.ndim - shift.ndim) + shift.shape)
+  value = quantized if shift is None else quantized + shift
+  return Operand(value, levels, unit, shift, quantizer.level_range)
+
+
+def integer_product(spec: QuantSpec, a: Operand, b: Operand) -> jax.Array | None:
+  """``a @ b`` on integer levels (batched, ``(..., M, K) @ (..., K, N)``), or None when
+  the mode is fake, an operand is unquantized or the sums would not be exact."""
+  if spec.matmul != "integer" or a.levels is None or b.levels is None:
+    return None
+  how = integer.plan(a.value.shape[-1], a.level_range, b.level_range,
+                     operand=spec.matmul_operands, backward=spec.matmul_backward,
+                     dtype=a.value.dtype)
+  if how is None:
+    return None
+  return integer.integer_matmul(a.value, b.value, a.levels, a.unit, a.shift, b.levels, b.unit,
+                                b.shift, how)
+
+
+def _softmax_probs(logits: jax.Array, quantizer: LsqQuantizer | None) -> Operand:
+  return quantize_operand(jax.nn.softmax(logits, axis=-1), quantizer)
+
+
+def _attend(spec: QuantSpec, probs: Operand, v: Operand, precision: Precision) -> jax.Array:
+  """``probs @ v`` per (batch, head): ``(B, H, N, N) @ (B, H, N, d)``."""
+  out = integer_product(spec, probs, v)
+  if out is None:
+    out = jnp.einsum("bhij,bhje->bhie", probs.value, v.value, precision=precision)
+  return out
 
 
 class StandardAttention(nnx.Module):
@@ -43,6 +98,7 @@ class StandardAttention(nnx.Module):
 
   def __init__(self, dim: int, num_heads: int, *, spec: QuantSpec, proj_spec: QuantSpec,
                num_tokens: int, rngs: nnx.Rngs, precision: Precision = "highest"):
+    self.spec = spec
     self.num_heads = num_heads
     self.head_dim = dim // num_heads
     self.precision = precision
@@ -68,15 +124,20 @@ class StandardAttention(nnx.Module):
       qkv = qkv + self.move_qkv_b4[...]
     qkv = jnp.reshape(qkv, (batch, tokens, 3, heads, head_dim))
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, H, d)
-    if self.q_quant is not None:
-      q = jnp.reshape(self.q_quant(q), (batch, tokens, dim)) + self.move_q_aft[...]
-      k = jnp.reshape(self.k_quant(k), (batch, tokens, dim)) + self.move_k_aft[...]
-      v = self.v_quant(jnp.reshape(v, (batch, tokens, dim))) + self.move_v_aft[...]
-      q, k, v = (jnp.reshape(t, (batch, tokens, heads, head_dim)) for t in (q, k, v))
-    q, k, v = (jnp.transpose(t, (0, 2, 1, 3)) for t in (q, k, v))  # (B, H, N, d)
-    logits = jnp.einsum("bhie,bhje->bhij", q, k, precision=self.precision)
+    per_head = lambda bias: None if bias is None else jnp.reshape(bias[...], (heads, head_dim))
+    acts = self.q_quant is not None
+    q = quantize_operand(q, self.q_quant, per_head(self.move_q_aft) if acts else None)
+    k = quantize_operand(k, self.k_quant, per_head(self.move_k_aft) if acts else None)
+    v = quantize_operand(jnp.reshape(v, (batch, tokens, dim)), self.v_quant,
+                         self.move_v_aft[...] if acts else None)
+    v = Operand(*(None if t is None else jnp.reshape(t, t.shape[:-1] + (heads, head_dim))
+                  for t in v[:4]), v.level_range)
+    q, k, v = (t.transpose((0, 2, 1, 3)) for t in (q, k, v))  # (B, H, N, d)
+    logits = integer_product(self.spec, q, k.transpose((0, 1, 3, 2)))
+    if logits is None:
+      logits = jnp.einsum("bhie,bhje->bhij", q.value, k.value, precision=self.precision)
     probs = _softmax_probs(logits * head_dim ** -0.5, self.softmax_quant)
-    out = jnp.einsum("bhij,bhje->bhie", probs, v, precision=self.precision)
+    out = _attend(self.spec, probs, v, self.precision)
     return self.proj(jnp.reshape(jnp.transpose(out, (0, 2, 1, 3)), (batch, tokens, dim)))
 
 
@@ -152,6 +213,20 @@ class QKRAttention(nnx.Module, RoundsTensors):
     unit = rounding.unit(self.value(name))  # (1, D) or (H, D_r, 1)
     return WeightLevels(jnp.reshape(unit, (1, -1)), rounding.level_range)
 
+  def _logits(self, xq: jax.Array, x_levels: Levels | None, keys: Operand) -> jax.Array:
+    """``logits[b, h, i, j] = sum_r xq[b, i, r] keys[b, j, h, r]``."""
+    batch, tokens, heads, dim = keys.value.shape
+    if x_levels is not None:
+      queries = Operand(xq[:, None], x_levels.levels[:, None], x_levels.unit[:, None],
+                        jnp.reshape(x_levels.shift, (1, 1, 1, dim)), x_levels.level_range)
+      logits = integer_product(self.spec, queries, keys.transpose((0, 2, 3, 1)))
+      if logits is not None:
+        return logits
+    # Batched over b with the (j, h) pairs as one axis of columns: one GEMM.
+    keys_t = jnp.reshape(keys.value, (batch, tokens * heads, dim))
+    logits = jnp.einsum("bir,bkr->bik", xq, keys_t, precision=self.precision)
+    return jnp.transpose(jnp.reshape(logits, (batch, tokens, tokens, heads)), (0, 3, 1, 2))
+
   def quantized_qk_product(self) -> jax.Array:
     return self.rounded("qk_product") if self.spec.quantize_weights else self.qk_product()
 
@@ -168,9 +243,10 @@ class QKRAttention(nnx.Module, RoundsTensors):
     v_kernel = self.rounded("v_kernel") if self.spec.quantize_weights else self.v_kernel[...]
     v = quantized_dense(xq, v_kernel, self.precision, self.spec, x_levels,
                         self._weight_levels("v_kernel")) + self.v_bias[...]
-    if acts:
-      v = self.v_quant(v + self.move_v_b4[...]) + self.move_v_aft[...]
-    v = jnp.transpose(jnp.reshape(v, (batch, tokens, heads, head_dim)), (0, 2, 1, 3))
+    v = quantize_operand(v + self.move_v_b4[...] if acts else v, self.v_quant,
+                         self.move_v_aft[...] if acts else None)
+    v = Operand(*(None if t is None else jnp.reshape(t, t.shape[:-1] + (heads, head_dim))
+                  for t in v[:4]), v.level_range).transpose((0, 2, 1, 3))  # (B, H, N, d)
 
     # Key side: t[b, j, h, r] = sum_c W_qk[h, r, c] xq[b, j, c], one GEMM over all heads.
     wqk = self.quantized_qk_product()  # (H, D_r, D_c)
@@ -180,15 +256,12 @@ class QKRAttention(nnx.Module, RoundsTensors):
     keys = jnp.reshape(keys, (batch, tokens, heads, dim))
     if acts:
       keys = keys + jnp.reshape(self.move_qkx_b4[...], (heads, dim))
-      keys = self.qkx_quant(keys) + jnp.reshape(self.move_qkx_aft[...], (heads, dim))
-    # logits[b, h, i, j] = sum_r xq[b, i, r] t[b, j, h, r]: batched over b with the
-    # (h, j) pairs as one axis of columns.
-    keys_t = jnp.reshape(keys, (batch, tokens * heads, dim))
-    logits = jnp.einsum("bir,bkr->bik", xq, keys_t, precision=self.precision)
-    logits = jnp.transpose(jnp.reshape(logits, (batch, tokens, tokens, heads)), (0, 3, 1, 2))
+    keys = quantize_operand(keys, self.qkx_quant,
+                            jnp.reshape(self.move_qkx_aft[...], (heads, dim)) if acts else None)
+    logits = self._logits(xq, x_levels, keys)
     if self.key_bias is not None:
       key_term = jnp.einsum("bjc,hc->bhj", xq, self.key_bias[...], precision=self.precision)
       logits = logits + key_term[:, :, None, :]
     probs = _softmax_probs(logits * head_dim ** -0.5, self.softmax_quant)
-    out = jnp.einsum("bhij,bhje->bhie", probs, v, precision=self.precision)
+    out = _attend(self.spec, probs, v, self.precision)
     return self.proj(jnp.reshape(jnp.transpose(out, (0, 2, 1, 3)), (batch, tokens, dim)))

@@ -159,3 +159,51 @@ def _integer_dense_bwd(how, residuals, g):
 
 
 integer_dense.defvjp(_integer_dense_fwd, _integer_dense_bwd)
+
+
+def _times_shift(a: jax.Array, shift: jax.Array) -> jax.Array:
+  """``a @ shift`` for a shift broadcast along the contracted axis (``(..., 1, N)``: a
+  row-sum times it) or along the output axis (``(..., K, 1)``: a matrix-vector product)."""
+  if shift.shape[-2] == 1:
+    return jnp.sum(a, axis=-1, keepdims=True) * shift
+  return jnp.matmul(a, shift, precision=jax.lax.Precision.HIGHEST)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+def integer_matmul(a: jax.Array, b: jax.Array, levels_a: jax.Array, unit_a: jax.Array,
+                   shift_a: jax.Array | None, levels_b: jax.Array, unit_b: jax.Array,
+                   shift_b: jax.Array | None, how: IntegerPlan) -> jax.Array:
+  """Batched ``a @ b`` (``(..., M, K) @ (..., K, N)``) computed on integer levels.
+
+  ``a = unit_a * levels_a + shift_a`` with ``unit_a`` of size 1 on the contracted axis
+  and ``shift_a`` constant along M (``(..., 1, K)``) or None; ``b = unit_b * levels_b +
+  shift_b`` with ``unit_b`` of size 1 on K and ``shift_b`` constant along N
+  (``(..., K, 1)``) or along K (``(..., 1, N)``), or None. The shift terms are
+  ``a @ shift_b + shift_a @ b - shift_a @ shift_b`` (matrix-vector work, float32).
+  Gradients: the fake matmul's, for ``a`` and ``b`` only.
+  """
+  operand = jnp.dtype(how.operand)
+  sums = jnp.matmul(levels_a.astype(operand), levels_b.astype(operand),
+                    preferred_element_type=jnp.dtype(how.accumulator))
+  out = sums.astype(a.dtype) * unit_a * unit_b
+  if shift_b is not None:
+    out = out + _times_shift(a, shift_b)
+  if shift_a is not None:
+    out = out + jnp.matmul(shift_a, b, precision=jax.lax.Precision.HIGHEST)
+    if shift_b is not None:
+      out = out - _times_shift(shift_a, shift_b)
+  return out
+
+
+def _integer_matmul_fwd(a, b, levels_a, unit_a, shift_a, levels_b, unit_b, shift_b, how):
+  out = integer_matmul(a, b, levels_a, unit_a, shift_a, levels_b, unit_b, shift_b, how)
+  return out, (a, b, levels_a, unit_a, shift_a, levels_b, unit_b, shift_b)
+
+
+def _integer_matmul_bwd(how, residuals, g):
+  a, b, *described = residuals
+  _, vjp = jax.vjp(lambda x, y: jnp.matmul(x, y, precision=how.backward), a, b)
+  return vjp(g) + tuple(None if d is None else jnp.zeros_like(d) for d in described)
+
+
+integer_matmul.defvjp(_integer_matmul_fwd, _integer_matmul_bwd)

@@ -103,21 +103,25 @@ def test_calibration(deit_fixture, matmul):
 
 
 def test_outputs(deit_fixture, matmul, monkeypatch):
-  """Logits in both matmul modes; in 'integer' mode every quantized dense product of the
-  blocks (and the 8-bit heads) does run on integer levels (counted at trace time)."""
+  """Logits in both matmul modes; in 'integer' mode every quantized product of the blocks
+  (dense layers and attention products) and of the 8-bit heads does run on integer levels
+  (counted as the forward is traced)."""
   model = _quantized(deit_fixture, matmul)
   images = jnp.asarray(deit_fixture.images("x_eval", F64))
   z = deit_fixture.arrays
   name = deit_fixture.name
   calls = []
-  real = integer.integer_dense
-  monkeypatch.setattr(integer, "integer_dense", lambda *a: calls.append(a[1].shape) or real(*a))
+  for function in ("integer_dense", "integer_matmul"):
+    real = getattr(integer, function)
+    monkeypatch.setattr(integer, function,
+                        lambda *a, real=real, f=function: calls.append(f) or real(*a))
   _check("quantized logits (abs)", f"{name}:eval",
          _abs_diff(model(images, train=False), z["f64/eval_logits"]))
   meta = deit_fixture.meta
-  # Per block: v and W_qk (QKR) or qkv, then proj, fc1, fc2; then the heads. The patch
-  # embedding keeps fake-quant (its per-pixel steps sit on the contracted axis).
-  per_block = 5 if meta["variant"] == "qkr" else 4
+  # Per block: v and W_qk (QKR) or qkv, proj, fc1, fc2, and the two attention products
+  # (q.k or QKR's logits, softmax.v); then the heads. The patch embedding keeps
+  # fake-quant (its per-pixel steps sit on the contracted axis).
+  per_block = (5 if meta["variant"] == "qkr" else 4) + 2
   expected = meta["depth"] * per_block + (2 if meta["distilled"] else 1)
   assert len(calls) == (expected if matmul == "integer" else 0), calls
   cls_logits, dist_logits = model(images, train=True)
