@@ -192,7 +192,8 @@ class QKRAttention(nnx.Module, RoundsTensors):
     bits = self.spec.weight_bits
     return (Rounds("v_kernel", Rounding("statsq", bits, (0,)), param="v_kernel"),
             # One scale per (head, row) of the (H, D, D) product; derived, no parameter.
-            Rounds("qk_product", Rounding("statsq", bits, (2,)), param=None))
+            Rounds("qk_product", Rounding("statsq", bits, (2,)), param=None,
+                   sources=("q_kernel", "k_kernel")))
 
   def value(self, name: str) -> jax.Array:
     return self.qk_product() if name == "qk_product" else super().value(name)
@@ -209,9 +210,8 @@ class QKRAttention(nnx.Module, RoundsTensors):
     ``(D, D)``, or the product laid out as ``(D_c, H * D_r)`` (one unit per (head, row))."""
     if not self.spec.quantize_weights:
       return None
-    rounding = self.declaration(name).rounding
-    unit = rounding.unit(self.value(name))  # (1, D) or (H, D_r, 1)
-    return WeightLevels(jnp.reshape(unit, (1, -1)), rounding.level_range)
+    unit = self.weight_unit(name)  # (1, D) or (H, D_r, 1)
+    return WeightLevels(jnp.reshape(unit, (1, -1)), self.declaration(name).rounding.level_range)
 
   def _logits(self, xq: jax.Array, x_levels: Levels | None, keys: Operand) -> jax.Array:
     """``logits[b, h, i, j] = sum_r xq[b, i, r] keys[b, j, h, r]``."""

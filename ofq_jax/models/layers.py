@@ -164,9 +164,8 @@ class QDense(nnx.Module, RoundsTensors):
     rounds = self.rounds()
     if not rounds:
       return None
-    rounding = rounds[0].rounding
-    unit = rounding.unit(self.kernel[...], self.step(rounds[0]))
-    return WeightLevels(jnp.reshape(unit, (1, -1)), rounding.level_range)
+    unit = self.weight_unit("kernel")
+    return WeightLevels(jnp.reshape(unit, (1, -1)), rounds[0].rounding.level_range)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.quantized_kernel()

@@ -26,6 +26,12 @@ class Rounds:
   rounding: Rounding
   param: str | None  # the trained parameter behind it; None when derived (QKR's product)
   holder: str | None = None  # the LsqQuantizer attribute holding the learned step
+  sources: tuple[str, ...] = ()  # the parameters a derived tensor is computed from
+
+
+class FrozenLevels(nnx.Variable):
+  """A rounded tensor's integer form and unit, loaded from a packed integer export
+  (``ofq_jax.export``): the layer then uses them instead of rounding a latent weight."""
 
 
 class RoundsTensors:
@@ -47,8 +53,31 @@ class RoundsTensors:
   def step(self, rounds: Rounds) -> jax.Array | None:
     return None if rounds.holder is None else getattr(self, rounds.holder).step[...]
 
+  def freeze(self, name: str, integers: jax.Array, unit: jax.Array) -> None:
+    """Fixes ``name`` to ``unit * integers`` (inference from a packed export)."""
+    self.declaration(name)  # a declared tensor
+    setattr(self, f"frozen_{name}", FrozenLevels(integers))
+    setattr(self, f"frozen_{name}_unit", FrozenLevels(unit))
+
+  def _frozen(self, name: str) -> tuple[jax.Array, jax.Array] | None:
+    integers = getattr(self, f"frozen_{name}", None)
+    if integers is None:
+      return None
+    return integers[...], getattr(self, f"frozen_{name}_unit")[...]
+
+  def weight_unit(self, name: str) -> jax.Array:
+    """``rounded(name) / weight_unit(name)`` is an integer (shaped to broadcast)."""
+    frozen = self._frozen(name)
+    if frozen is not None:
+      return frozen[1]
+    r = self.declaration(name)
+    return r.rounding.unit(self.value(name), self.step(r))
+
   def rounded(self, name: str) -> jax.Array:
     """The fake-quantized tensor as declared; an LSQ holder calibrates its step here."""
+    frozen = self._frozen(name)
+    if frozen is not None:
+      return frozen[1] * frozen[0].astype(frozen[1].dtype)
     r = self.declaration(name)
     if r.holder is not None:
       return getattr(self, r.holder)(self.value(name))
