@@ -54,7 +54,7 @@ def quantize_operand(x: jax.Array, quantizer: LsqQuantizer | None,
     return Operand(x)
   quantized = quantizer(x)
   unit = quantizer.unit(quantized.shape)
-  levels = integer.integer_levels(quantized, unit)
+  levels = quantizer.levels(x)
   if shift is not None:  # at the value's rank, so that it moves with the value's axes
     shift = jnp.reshape(shift, (1,) * (quantized.ndim - shift.ndim) + shift.shape)
   value = quantized if shift is None else quantized + shift
@@ -141,6 +141,12 @@ class StandardAttention(nnx.Module):
     return self.proj(jnp.reshape(jnp.transpose(out, (0, 2, 1, 3)), (batch, tokens, dim)))
 
 
+def _product_columns(wqk: jax.Array) -> jax.Array:
+  """``W_qk`` ``(H, D_r, D_c)`` as the ``(D_c, H * D_r)`` kernel of the key-side GEMM."""
+  heads, dim, _ = wqk.shape
+  return jnp.reshape(jnp.transpose(wqk, (2, 0, 1)), (dim, heads * dim))
+
+
 class QKRAttention(nnx.Module, RoundsTensors):
   """Query-key reparameterized attention (spec 3.5, the released OFQ recipe).
 
@@ -206,26 +212,40 @@ class QKRAttention(nnx.Module, RoundsTensors):
     return jnp.einsum("rhe,che->hrc", wq, wk, precision=self.precision)
 
   def _weight_levels(self, name: str) -> WeightLevels | None:
-    """The unit per output column of the kernel ``name`` multiplies with: ``v_kernel``
-    ``(D, D)``, or the product laid out as ``(D_c, H * D_r)`` (one unit per (head, row))."""
+    """The integer form of the kernel ``name`` multiplies with: ``v_kernel`` ``(D, D)``,
+    or the product laid out as ``(D_c, H * D_r)`` (one unit per (head, row))."""
     if not self.spec.quantize_weights:
       return None
+    integers = self.weight_integers(name)
     unit = self.weight_unit(name)  # (1, D) or (H, D_r, 1)
-    return WeightLevels(jnp.reshape(unit, (1, -1)), self.declaration(name).rounding.level_range)
+    if name == "qk_product":
+      integers = _product_columns(integers)
+    return WeightLevels(integers, jnp.reshape(unit, (1, -1)),
+                        self.declaration(name).rounding.level_range)
 
   def _logits(self, xq: jax.Array, x_levels: Levels | None, keys: Operand) -> jax.Array:
-    """``logits[b, h, i, j] = sum_r xq[b, i, r] keys[b, j, h, r]``."""
+    """``logits[b, h, i, j] = sum_r xq[b, i, r] keys[b, j, h, r]``, batched over b with
+    the (j, h) pairs as one axis of columns: one GEMM (integer or fake)."""
     batch, tokens, heads, dim = keys.value.shape
-    if x_levels is not None:
-      queries = Operand(xq[:, None], x_levels.levels[:, None], x_levels.unit[:, None],
-                        jnp.reshape(x_levels.shift, (1, 1, 1, dim)), x_levels.level_range)
-      logits = integer_product(self.spec, queries, keys.transpose((0, 2, 3, 1)))
+    flat = lambda t: jnp.reshape(t, (t.shape[0], tokens * heads, dim))
+    logits = None
+    if x_levels is not None and keys.levels is not None:
+      # The keys' move bias varies with (h, r), neither a row nor a column vector of this
+      # layout: its term xq @ m_h is added outside (a linear term, same gradient).
+      queries = Operand(xq, x_levels.levels, x_levels.unit,
+                        jnp.reshape(x_levels.shift, (1, 1, dim)), x_levels.level_range)
+      columns = Operand(flat(keys.value - keys.shift), flat(keys.levels),
+                        jnp.reshape(keys.unit, (1, tokens * heads, 1)), None,
+                        keys.level_range).transpose((0, 2, 1))
+      logits = integer_product(self.spec, queries, columns)
       if logits is not None:
-        return logits
-    # Batched over b with the (j, h) pairs as one axis of columns: one GEMM.
-    keys_t = jnp.reshape(keys.value, (batch, tokens * heads, dim))
-    logits = jnp.einsum("bir,bkr->bik", xq, keys_t, precision=self.precision)
-    return jnp.transpose(jnp.reshape(logits, (batch, tokens, tokens, heads)), (0, 3, 1, 2))
+        shift_term = jnp.einsum("bir,hr->bih", xq, keys.shift[0, 0],
+                                precision=jax.lax.Precision.HIGHEST)
+        logits = jnp.reshape(logits, (batch, tokens, tokens, heads)) + shift_term[:, :, None]
+    if logits is None:
+      logits = jnp.einsum("bir,bkr->bik", xq, flat(keys.value), precision=self.precision)
+      logits = jnp.reshape(logits, (batch, tokens, tokens, heads))
+    return jnp.transpose(logits, (0, 3, 1, 2))
 
   def quantized_qk_product(self) -> jax.Array:
     return self.rounded("qk_product") if self.spec.quantize_weights else self.qk_product()
@@ -236,9 +256,9 @@ class QKRAttention(nnx.Module, RoundsTensors):
     acts = self.input_quant is not None
     xq, x_levels = x, None
     if acts:
-      quantized = self.input_quant(x + self.move_b4[...])
-      xq = quantized + self.move_aft[...]
-      x_levels = activation_levels(quantized, self.input_quant, self.move_aft[...])
+      shifted = x + self.move_b4[...]
+      xq = self.input_quant(shifted) + self.move_aft[...]
+      x_levels = activation_levels(shifted, self.input_quant, self.move_aft[...])
 
     v_kernel = self.rounded("v_kernel") if self.spec.quantize_weights else self.v_kernel[...]
     v = quantized_dense(xq, v_kernel, self.precision, self.spec, x_levels,
@@ -249,8 +269,7 @@ class QKRAttention(nnx.Module, RoundsTensors):
                   for t in v[:4]), v.level_range).transpose((0, 2, 1, 3))  # (B, H, N, d)
 
     # Key side: t[b, j, h, r] = sum_c W_qk[h, r, c] xq[b, j, c], one GEMM over all heads.
-    wqk = self.quantized_qk_product()  # (H, D_r, D_c)
-    wqk_2d = jnp.reshape(jnp.transpose(wqk, (2, 0, 1)), (dim, heads * dim))
+    wqk_2d = _product_columns(self.quantized_qk_product())
     keys = quantized_dense(xq, wqk_2d, self.precision, self.spec, x_levels,
                            self._weight_levels("qk_product"))
     keys = jnp.reshape(keys, (batch, tokens, heads, dim))

@@ -62,16 +62,15 @@ class Levels(NamedTuple):
 
 
 class WeightLevels(NamedTuple):
-  """A quantized kernel's integer form: ``kernel = unit * integer`` per output column."""
-  unit: jax.Array  # (1, N)
+  """A quantized kernel's integer form: ``kernel = unit * integers``."""
+  integers: jax.Array  # (K, N), as floats
+  unit: jax.Array  # (1, N): one per output column
   level_range: tuple[int, int]
 
 
-def activation_levels(quantized: jax.Array, quantizer: LsqQuantizer, shift: jax.Array
-                      ) -> Levels:
-  """``quantized`` (an output of ``quantizer``, before ``shift``) as levels."""
-  unit = quantizer.unit(quantized.shape)
-  return Levels(integer.integer_levels(quantized, unit), unit, shift, quantizer.level_range)
+def activation_levels(x: jax.Array, quantizer: LsqQuantizer, shift: jax.Array) -> Levels:
+  """``quantizer(x) + shift`` as levels (``x``: the quantizer's input)."""
+  return Levels(quantizer.levels(x), quantizer.unit(x.shape), shift, quantizer.level_range)
 
 
 def quantized_dense(x: jax.Array, kernel: jax.Array, precision: Precision, spec: QuantSpec,
@@ -86,7 +85,7 @@ def quantized_dense(x: jax.Array, kernel: jax.Array, precision: Precision, spec:
                        dtype=x.dtype)
     if how is not None:
       return integer.integer_dense(x, kernel, x_levels.levels, x_levels.unit,
-                                   x_levels.shift, w_levels.unit, how)
+                                   x_levels.shift, w_levels.integers, w_levels.unit, how)
   return dense(x, kernel, precision)
 
 
@@ -155,9 +154,9 @@ class QDense(nnx.Module, RoundsTensors):
     """The quantized input and its integer form (None when the input stays float)."""
     if self.input_quant is None:
       return x, None
-    quantized = self.input_quant(x + self.move_b4[...])
+    x = x + self.move_b4[...]
     shift = self.move_aft[...]
-    return quantized + shift, activation_levels(quantized, self.input_quant, shift)
+    return self.input_quant(x) + shift, activation_levels(x, self.input_quant, shift)
 
   def kernel_levels(self) -> WeightLevels | None:
     """The quantized kernel's unit per output column (None for a float kernel)."""
@@ -165,7 +164,8 @@ class QDense(nnx.Module, RoundsTensors):
     if not rounds:
       return None
     unit = self.weight_unit("kernel")
-    return WeightLevels(jnp.reshape(unit, (1, -1)), rounds[0].rounding.level_range)
+    return WeightLevels(self.weight_integers("kernel"), jnp.reshape(unit, (1, -1)),
+                        rounds[0].rounding.level_range)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.quantized_kernel()

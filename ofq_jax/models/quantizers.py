@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ofq_jax.quant.lsq import (floored_step, lsq_fake_quant_dynamic, lsq_initial_step,
-                               lsq_quantize, lsq_range, shared_count)
+                               lsq_levels, lsq_quantize, lsq_range, shared_count)
 from ofq_jax.quant.shapes import keep_axes_shape
 
 IMAGE_SIGN_THRESHOLD = -1e-5
@@ -56,6 +56,13 @@ class LsqQuantizer(nnx.Module):
     return lsq_quantize(x, self.step[...], bits=self.bits, signed=self.signed,
                         keep_axes=self.keep_axes, grad_batch=self.grad_batch,
                         batch_axis=self.batch_axis)
+
+  def levels(self, x: jax.Array) -> jax.Array:
+    """The integer levels ``self(x)`` multiplies by the step: the same expression as the
+    forward's, so that XLA computes it once for both."""
+    qn, qp = lsq_range(self.bits, self.signed)
+    step = jnp.reshape(self.step[...], keep_axes_shape(x.shape, self.keep_axes))
+    return lsq_levels(x, step, jnp.asarray(qn, x.dtype), jnp.asarray(qp, x.dtype))
 
   def unit(self, shape: tuple[int, ...]) -> jax.Array:
     """The step an output of ``shape`` is an integer multiple of, broadcastable to it."""

@@ -73,6 +73,14 @@ class RoundsTensors:
     r = self.declaration(name)
     return r.rounding.unit(self.value(name), self.step(r))
 
+  def weight_integers(self, name: str) -> jax.Array:
+    """``rounded(name) / weight_unit(name)``, the integers, as floats."""
+    frozen = self._frozen(name)
+    if frozen is not None:
+      return frozen[0].astype(frozen[1].dtype)
+    r = self.declaration(name)
+    return r.rounding.integers(self.value(name), self.step(r))
+
   def rounded(self, name: str) -> jax.Array:
     """The fake-quantized tensor as declared; an LSQ holder calibrates its step here."""
     frozen = self._frozen(name)

@@ -115,9 +115,10 @@ def _as_2d(x: jax.Array) -> jax.Array:
   return jnp.reshape(x, (-1, x.shape[-1]))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
 def integer_dense(x: jax.Array, w: jax.Array, levels_x: jax.Array, unit_x: jax.Array,
-                  shift: jax.Array, unit_w: jax.Array, how: IntegerPlan) -> jax.Array:
+                  shift: jax.Array, levels_w: jax.Array, unit_w: jax.Array,
+                  how: IntegerPlan) -> jax.Array:
   """``x @ w`` over the last axis of ``x``, computed on integer levels.
 
   Args:
@@ -126,6 +127,7 @@ def integer_dense(x: jax.Array, w: jax.Array, levels_x: jax.Array, unit_x: jax.A
     levels_x: the integer levels of ``x`` (as floats), shaped like ``x``.
     unit_x: the activation step, broadcastable to ``x`` with size 1 on the last axis.
     shift: the move bias added after the quantizer, ``(K,)`` (zeros when there is none).
+    levels_w: the integers of ``w`` (as floats), ``(K, N)``.
     unit_w: ``(1, N)``: the weight's scale per output column.
     how: from ``plan``.
 
@@ -133,7 +135,6 @@ def integer_dense(x: jax.Array, w: jax.Array, levels_x: jax.Array, unit_x: jax.A
   them and get zero cotangents.
   """
   lead = x.shape[:-1]
-  levels_w = integer_levels(w, unit_w)
   operand = jnp.dtype(how.operand)
   sums = jax.lax.dot_general(
       _as_2d(levels_x).astype(operand), levels_w.astype(operand), (((1,), (0,)), ((), ())),
@@ -144,17 +145,17 @@ def integer_dense(x: jax.Array, w: jax.Array, levels_x: jax.Array, unit_x: jax.A
   return jnp.reshape(out, lead + (w.shape[-1],))
 
 
-def _integer_dense_fwd(x, w, levels_x, unit_x, shift, unit_w, how):
-  out = integer_dense(x, w, levels_x, unit_x, shift, unit_w, how)
-  return out, (x, w, levels_x, unit_x, shift, unit_w)
+def _integer_dense_fwd(x, w, levels_x, unit_x, shift, levels_w, unit_w, how):
+  out = integer_dense(x, w, levels_x, unit_x, shift, levels_w, unit_w, how)
+  return out, (x, w, levels_x, unit_x, shift, levels_w, unit_w)
 
 
 def _integer_dense_bwd(how, residuals, g):
-  x, w, levels_x, unit_x, shift, unit_w = residuals
+  x, w, *described = residuals
   g2 = _as_2d(g)
   dx = jnp.reshape(jnp.matmul(g2, w.T, precision=how.backward), x.shape)
   dw = jnp.matmul(_as_2d(x).T, g2, precision=how.backward)
-  zeros = tuple(jnp.zeros_like(a) for a in (levels_x, unit_x, shift, unit_w))
+  zeros = tuple(jnp.zeros_like(a) for a in described)
   return (dx, dw) + zeros
 
 

@@ -67,6 +67,12 @@ class Rounding:
       return -(2 ** self.bits - 1), 2 ** self.bits - 1
     return lsq_range(self.bits, self.signed)
 
+  def integers(self, x: jax.Array, step: jax.Array | None = None) -> jax.Array:
+    """``apply(x) / unit(x)`` as floats: StatsQ's odd ``2k + 1``, LSQ's levels; from the
+    same expressions as ``apply``, so that XLA computes the rounding once for both."""
+    levels = self.levels(x, step)
+    return 2.0 * levels + 1.0 if self.method == "statsq" else levels
+
   def unit(self, x: jax.Array, step: jax.Array | None = None) -> jax.Array:
     """``apply(x) / unit`` is an integer: StatsQ's ``2 mean|w| / 2**bits`` (mid-rise
     levels ``(k + 0.5) / n`` are the odd ``2k + 1`` over ``2n``), LSQ's floored step.

@@ -31,6 +31,10 @@ def _case(rng, depth: int, x_range, w_range):
   return x, w, quantized, unit_x, shift, unit_w
 
 
+def _w_levels(w, unit_w):
+  return integer.integer_levels(jnp.asarray(w), jnp.asarray(unit_w))
+
+
 def _bits_ranges(rng):
   bits_x, bits_w = int(rng.integers(2, 9)), int(rng.integers(2, 9))
   x_range = lsq_range(bits_x, bool(rng.integers(0, 2)))
@@ -52,7 +56,7 @@ def test_integer_matmul_agrees_with_fake_to_float32_rounding(seed):
   levels = integer.integer_levels(jnp.asarray(quantized), jnp.asarray(unit_x))
   np.testing.assert_array_equal(levels, np.round(quantized / unit_x))
   got = integer.integer_dense(jnp.asarray(x), jnp.asarray(w), levels, jnp.asarray(unit_x),
-                              jnp.asarray(shift), jnp.asarray(unit_w), how)
+                              jnp.asarray(shift), _w_levels(w, unit_w), jnp.asarray(unit_w), how)
   fake = jnp.matmul(jnp.asarray(x), jnp.asarray(w), precision="highest")
   exact = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
   scale = np.abs(np.asarray(x, np.float64)) @ np.abs(np.asarray(w, np.float64))
@@ -69,7 +73,7 @@ def test_narrow_operands_give_the_float32_operands_result(operand):
   x, w, quantized, unit_x, shift, unit_w = _case(rng, 300, x_range, w_range)
   args = (jnp.asarray(x), jnp.asarray(w),
           integer.integer_levels(jnp.asarray(quantized), jnp.asarray(unit_x)),
-          jnp.asarray(unit_x), jnp.asarray(shift), jnp.asarray(unit_w))
+          jnp.asarray(unit_x), jnp.asarray(shift), _w_levels(w, unit_w), jnp.asarray(unit_w))
   wide = integer.integer_dense(*args, integer.plan(300, x_range, w_range, operand="float32"))
   narrow = integer.integer_dense(*args, integer.plan(300, x_range, w_range, operand=operand))
   np.testing.assert_array_equal(narrow, wide)
@@ -102,7 +106,7 @@ def test_past_the_bound_the_layer_keeps_fake_quant():
   x_levels = Levels(integer.integer_levels(jnp.asarray(quantized), jnp.asarray(unit_x)),
                     jnp.asarray(unit_x), jnp.asarray(shift), x_range)
   out = quantized_dense(jnp.asarray(x), jnp.asarray(w), "highest", spec, x_levels,
-                        WeightLevels(jnp.asarray(unit_w), w_range))
+                        WeightLevels(_w_levels(w, unit_w), jnp.asarray(unit_w), w_range))
   np.testing.assert_array_equal(out, jnp.matmul(x.reshape(-1, depth), w,
                                                 precision="highest").reshape(out.shape))
 
@@ -118,7 +122,8 @@ def test_gradients_are_the_fake_paths(backward, tol):
   levels = integer.integer_levels(jnp.asarray(quantized), jnp.asarray(unit_x))
   cotangent = jnp.asarray(rng.normal(size=x.shape[:-1] + (w.shape[1],)), jnp.float32)
   _, vjp = jax.vjp(lambda *a: integer.integer_dense(*a, how), jnp.asarray(x), jnp.asarray(w),
-                   levels, jnp.asarray(unit_x), jnp.asarray(shift), jnp.asarray(unit_w))
+                   levels, jnp.asarray(unit_x), jnp.asarray(shift), _w_levels(w, unit_w),
+                   jnp.asarray(unit_w))
   dx, dw, *rest = vjp(cotangent)
   _, fake_vjp = jax.vjp(lambda a, b: jnp.matmul(a, b, precision="highest"), jnp.asarray(x),
                         jnp.asarray(w))

@@ -1,0 +1,103 @@
+"""Inference throughput and file size: float DeiT vs fake-quant vs packed integer.
+
+  python bench/inference.py --models tiny small --bits 2 --batch 64
+  python bench/inference.py --models tiny --bits 4 --json
+
+For each model: the float32 DeiT, the quantized model's fake-quant eval forward
+(``matmul='fake'``) and the packed integer model (``ofq_jax.export`` -> ``load_integer``,
+integer matmuls), each jitted, timed alternately (median of ``--steps`` calls, compile
+excluded) on the same random batch; file sizes of the float32 safetensors state and the
+packed file. Weights are random (sizes and speed do not depend on them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors.numpy import save_file
+
+from ofq_jax import export
+from ofq_jax.models import calibrate, create_model, model_config
+from ofq_jax.paths import dotted, state_path
+
+
+def _forward(model: nnx.Module):
+  graphdef, state = nnx.split(model)
+  jitted = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x, train=False))
+  return lambda images: jitted(state, images)
+
+
+def _float_file_bytes(model: nnx.Module, directory: str) -> int:
+  arrays = {dotted(state_path(p)): np.asarray(v) for p, v in
+            jax.tree_util.tree_flatten_with_path(nnx.state(model))[0]}
+  path = os.path.join(directory, "float.safetensors")
+  save_file(arrays, path)
+  return os.path.getsize(path)
+
+
+def bench_model(name: str, bits: int, batch: int, steps: int, directory: str) -> list[dict]:
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.normal(size=(batch, 224, 224, 3)), jnp.float32)
+  float_model = create_model(model_config(name), 0)
+  quant = dict(enabled=True, weight_bits=bits, act_bits=bits)
+  fake = create_model(model_config(name, quant=quant), 0)
+  calibrate(fake, images)
+  packed_path = os.path.join(directory, f"{name}_w{bits}a{bits}.safetensors")
+  sizes = export.export_integer(fake, packed_path)
+  variants = {"float": (_forward(float_model), _float_file_bytes(float_model, directory)),
+              "fake-quant": (_forward(fake), None),
+              "packed integer": (export.load_integer(packed_path), sizes["bytes"])}
+  times = {k: [] for k in variants}
+  for forward, _ in variants.values():
+    jax.block_until_ready(forward(images))  # compile
+  for _ in range(steps):
+    for key, (forward, _) in variants.items():
+      start = time.perf_counter()
+      jax.block_until_ready(forward(images))
+      times[key].append(time.perf_counter() - start)
+  rows = []
+  for key, (_, size) in variants.items():
+    seconds = float(np.median(times[key]))
+    rows.append(dict(model=name, bits=bits, batch=batch, variant=key,
+                     images_per_sec=batch / seconds, seconds=seconds,
+                     file_mb=None if size is None else size / 1e6,
+                     device=jax.devices()[0].device_kind))
+  return rows
+
+
+def main(argv=None) -> list[dict]:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--models", nargs="+", choices=("tiny", "small", "base"),
+                      default=["tiny", "small"])
+  parser.add_argument("--bits", type=int, default=2)
+  parser.add_argument("--batch", type=int, default=64)
+  parser.add_argument("--steps", type=int, default=3)
+  parser.add_argument("--json", action="store_true")
+  args = parser.parse_args(argv)
+  rows = []
+  with tempfile.TemporaryDirectory() as directory:
+    for name in args.models:
+      rows += bench_model(name, args.bits, args.batch, args.steps, directory)
+  if args.json:
+    print(json.dumps(rows))
+    return rows
+  print(f"{'model':<7}{'bits':>5}{'batch':>6}  {'variant':<15}{'img/s':>9}{'s/batch':>9}"
+        f"{'file MB':>9}")
+  for r in rows:
+    size = "" if r["file_mb"] is None else f"{r['file_mb']:.2f}"
+    print(f"{r['model']:<7}{r['bits']:>5}{r['batch']:>6}  {r['variant']:<15}"
+          f"{r['images_per_sec']:>9.1f}{r['seconds']:>9.3f}{size:>9}")
+  return rows
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
