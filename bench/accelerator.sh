@@ -10,8 +10,12 @@
 #   2. records versions and devices,
 #   3. runs the test suite minus what needs TensorFlow or a notebook kernel (on the CPU
 #      backend with 8 fake devices, as CI does; pytest-xdist spreads it over the cores),
-#   4. times the jitted QAT step (DeiT-T / DeiT-S, W2A2, KD teacher) on the GPU,
-# and writes $OUT/accelerator.json (+ pytest.log, junit.xml, train_step_*.json).
+#   4. times the jitted QAT step of DeiT-S W2A2 with its KD teacher at batch 64 on the GPU in
+#      three modes: fake-quant at precision 'highest', integer forward, integer forward with
+#      a bf16 backward (bench/train_step.py --matmul / --backward),
+#   5. times inference (float vs fake-quant vs packed integer, DeiT-T / DeiT-S, batch 64),
+# and writes $OUT/accelerator.json (+ pytest.log, junit.xml, train_step_*.json,
+# inference.json). Budget: about 8 minutes.
 # ACCEL_QUICK=1 runs a small subset, for trying the script on a CPU box first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -58,10 +62,10 @@ EOF
 cat "$OUT/versions.json"
 
 # 3. The suite on the image's jax (CPU backend, 8 fake devices, as conftest sets up).
-IGNORE=(--ignore=tests/test_imagenet.py --ignore=tests/test_randaugment.py
-        --ignore=tests/test_randaugment_timm.py --ignore=tests/test_notebooks.py)
+IGNORE=(--ignore=tests/integration/test_imagenet.py --ignore=tests/unit/data
+        --ignore=tests/integration/test_notebooks.py)
 if [[ -n "${ACCEL_QUICK:-}" ]]; then
-  SELECT=(tests/test_compat.py tests/test_quantizers.py)
+  SELECT=(tests/unit/test_compat.py tests/unit/quant)
   XDIST=()
 else
   SELECT=(tests)
@@ -69,7 +73,7 @@ else
   $PY -c "import xdist" 2>/dev/null || XDIST=()
 fi
 start=$(date +%s)
-timeout "${ACCEL_TEST_TIMEOUT:-330}" $PY -m pytest -q -p no:cacheprovider "${XDIST[@]}" \
+timeout "${ACCEL_TEST_TIMEOUT:-240}" $PY -m pytest -q -p no:cacheprovider "${XDIST[@]}" \
     "${IGNORE[@]}" --junitxml="$OUT/junit.xml" "${SELECT[@]}" > "$OUT/pytest.log" 2>&1
 test_rc=$?
 test_seconds=$(( $(date +%s) - start ))
@@ -78,16 +82,25 @@ tail -n 25 "$OUT/pytest.log"
 # 4. The QAT step on the default backend (the GPU there).
 bench() {  # name, args...
   local name=$1; shift
-  timeout "${ACCEL_BENCH_TIMEOUT:-100}" env JAX_PLATFORMS= $PY bench/train_step.py "$@" --json \
+  timeout "${ACCEL_BENCH_TIMEOUT:-75}" env JAX_PLATFORMS= $PY bench/train_step.py "$@" --json \
       > "$OUT/train_step_$name.json" 2> "$OUT/train_step_$name.log" || echo "{}" > "$OUT/train_step_$name.json"
   tail -n 1 "$OUT/train_step_$name.json"
 }
 if [[ -n "${ACCEL_QUICK:-}" ]]; then
-  bench tiny_b2 --model tiny --bits 2 --batch 8 --steps 2
+  bench tiny_b8_fake --model tiny --bits 2 --batch 8 --steps 2 --tracking off
+  bench tiny_b8_integer --model tiny --bits 2 --batch 8 --steps 2 --tracking off --matmul integer
+  INFER=(--models tiny --batch 8 --steps 1)
 else
-  bench tiny_b64 --model tiny --bits 2 --batch 64 --steps 10
-  bench small_b64 --model small --bits 2 --batch 64 --steps 10
+  bench small_b64_fake --model small --bits 2 --batch 64 --steps 10
+  bench small_b64_integer --model small --bits 2 --batch 64 --steps 10 --matmul integer
+  bench small_b64_integer_bf16 --model small --bits 2 --batch 64 --steps 10 --matmul integer \
+      --backward bf16
+  INFER=(--models tiny small --batch 64 --steps 5)
 fi
+# 5. Inference: float vs fake-quant vs packed integer.
+timeout "${ACCEL_INFER_TIMEOUT:-90}" env JAX_PLATFORMS= $PY bench/inference.py "${INFER[@]}" \
+    --json > "$OUT/inference.json" 2> "$OUT/inference.log" || echo "[]" > "$OUT/inference.json"
+tail -c 600 "$OUT/inference.json"; echo
 
 $PY - "$OUT" "$test_rc" "$test_seconds" <<'EOF'
 import glob, json, os, sys
@@ -111,6 +124,10 @@ for path in sorted(glob.glob(os.path.join(out, "train_step_*.json"))):
     summary["train_step_" + name] = json.loads(open(path).read().strip().splitlines()[-1])
   except (IndexError, ValueError):
     summary["train_step_" + name] = None
+try:
+  summary["inference"] = json.loads(open(os.path.join(out, "inference.json")).read() or "[]")
+except ValueError:
+  summary["inference"] = None
 json.dump(summary, open(os.path.join(out, "accelerator.json"), "w"), indent=1)
 print(json.dumps({k: v for k, v in summary.items() if k != "versions"}))
 EOF
