@@ -32,6 +32,8 @@ MATMULS = ("fake", "integer")
 OPERANDS = ("auto", "float32", "bfloat16", "int8")
 BACKWARD_PRECISIONS = {"float32": jax.lax.Precision.HIGHEST, "bf16x3": jax.lax.Precision.HIGH,
                        "bf16": jax.lax.Precision.DEFAULT}
+"""The backward matmuls' precision; ``bf16`` also casts their operands to bfloat16
+(float32 sums), so that it means one bf16 pass on every platform, the CPU included."""
 
 # Largest integer sum an accumulator holds exactly; the integers a dtype holds exactly.
 _EXACT_SUM = {"int32": 2 ** 31 - 1, "float32": 2 ** 24, "float64": 2 ** 53}
@@ -49,11 +51,26 @@ class IntegerPlan:
   backward: jax.lax.Precision
 
 
+@functools.cache
+def _cpu_has_bf16_dot() -> bool:
+  """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX), where XLA:CPU's
+  bf16 dot measured about 2x its float32 GEMM (BENCHMARKS.md); elsewhere bf16 is emulated."""
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      flags = f.read()
+  except OSError:
+    return False
+  return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def default_operand(platform: str) -> str:
-  """The fastest exact operand dtype measured per platform: float32 on CPU (no fast
-  int8 / bf16 GEMM there), int8 on GPUs (int8 tensor cores), bfloat16 on TPUs."""
-  return {"cpu": "float32", "gpu": "int8", "cuda": "int8", "rocm": "int8"}.get(
-      platform, "bfloat16")
+  """The fastest exact operand dtype per platform, from measurements: int8 on GPUs (int8
+  tensor cores), bfloat16 on TPUs and on CPUs with a hardware bf16 dot, else float32."""
+  if platform in ("gpu", "cuda", "rocm"):
+    return "int8"
+  if platform == "cpu":
+    return "bfloat16" if _cpu_has_bf16_dot() else "float32"
+  return "bfloat16"
 
 
 LevelRange = tuple[int, int]
@@ -150,11 +167,19 @@ def _integer_dense_fwd(x, w, levels_x, unit_x, shift, levels_w, unit_w, how):
   return out, (x, w, levels_x, unit_x, shift, levels_w, unit_w)
 
 
+def _backward_matmul(how: IntegerPlan, a: jax.Array, b: jax.Array) -> jax.Array:
+  """A backward matmul at the plan's precision (``bf16``: bfloat16 operands)."""
+  if how.backward == jax.lax.Precision.DEFAULT:
+    return jnp.matmul(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16),
+                      preferred_element_type=jnp.float32).astype(a.dtype)
+  return jnp.matmul(a, b, precision=how.backward)
+
+
 def _integer_dense_bwd(how, residuals, g):
   x, w, *described = residuals
   g2 = _as_2d(g)
-  dx = jnp.reshape(jnp.matmul(g2, w.T, precision=how.backward), x.shape)
-  dw = jnp.matmul(_as_2d(x).T, g2, precision=how.backward)
+  dx = jnp.reshape(_backward_matmul(how, g2, w.T), x.shape)
+  dw = _backward_matmul(how, _as_2d(x).T, g2)
   zeros = tuple(jnp.zeros_like(a) for a in described)
   return (dx, dw) + zeros
 
@@ -203,6 +228,8 @@ def _integer_matmul_fwd(a, b, levels_a, unit_a, shift_a, levels_b, unit_b, shift
 
 def _integer_matmul_bwd(how, residuals, g):
   a, b, *described = residuals
+  # Batched with broadcast batch axes: the fake matmul's own VJP does the bookkeeping,
+  # at the plan's precision (no bf16 cast here: the dense layers hold most of the FLOPs).
   _, vjp = jax.vjp(lambda x, y: jnp.matmul(x, y, precision=how.backward), a, b)
   return vjp(g) + tuple(None if d is None else jnp.zeros_like(d) for d in described)
 

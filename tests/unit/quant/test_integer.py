@@ -111,10 +111,11 @@ def test_past_the_bound_the_layer_keeps_fake_quant():
                                                 precision="highest").reshape(out.shape))
 
 
-@pytest.mark.parametrize("backward,tol", [("float32", 1e-6), ("bf16x3", 1e-5), ("bf16", 2e-2)])
+@pytest.mark.parametrize("backward,tol", [("float32", 1e-6), ("bf16x3", 1e-5), ("bf16", 1e-2)])
 def test_gradients_are_the_fake_paths(backward, tol):
   """The VJP is the fake matmul's (x and w only; the describing inputs get zeros), at the
-  configured backward precision (on CPU every precision computes in float32)."""
+  configured backward precision: float32 exact to rounding, bf16 (bfloat16 operands,
+  float32 sums) within bf16's relative precision."""
   rng = np.random.default_rng(7)
   x_range, w_range = (-2, 1), (-3, 3)
   x, w, quantized, unit_x, shift, unit_w = _case(rng, 64, x_range, w_range)
@@ -128,6 +129,6 @@ def test_gradients_are_the_fake_paths(backward, tol):
   _, fake_vjp = jax.vjp(lambda a, b: jnp.matmul(a, b, precision="highest"), jnp.asarray(x),
                         jnp.asarray(w))
   fdx, fdw = fake_vjp(cotangent)
-  np.testing.assert_allclose(dx, fdx, rtol=tol, atol=tol)
-  np.testing.assert_allclose(dw, fdw, rtol=tol, atol=tol * float(np.max(np.abs(fdw))))
+  for got, want in ((dx, fdx), (dw, fdw)):  # relative error of the whole gradient
+    assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) <= tol
   assert all(float(jnp.max(jnp.abs(r))) == 0.0 for r in rest)
