@@ -22,7 +22,6 @@ import json
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +29,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from ofq_jax import run_record
 from ofq_jax.errors import MissingInputError, UserError
 from ofq_jax.models import create_model
 from ofq_jax.models.rounded import RoundedTensor, rounded_tensors
@@ -140,22 +140,11 @@ def _check_config(stored: ml_collections.ConfigDict, expected: ml_collections.Co
   # A packed model is quantized whatever a training config's float stage says, and its
   # matmul settings are the loader's choice.
   ignore = ("quant.enabled", "quant.matmul", "quant.matmul_operands", "quant.matmul_backward")
-  flat = lambda c: {k: v for k, v in _flatten(c.to_dict()).items() if k not in ignore}
-  old, new = flat(stored), flat(expected)
-  diff = [f"{k}: {old.get(k)!r} in the file, {new.get(k)!r} asked" for k in sorted(set(old) |
-          set(new)) if old.get(k) != new.get(k)]
+  old, new = run_record.flatten(stored), run_record.flatten(expected)
+  diff = [f"{k}: {old.get(k)!r} in the file, {new.get(k)!r} asked"
+          for k in sorted(set(old) | set(new)) if k not in ignore and old.get(k) != new.get(k)]
   if diff:
     raise UserError(f"{os.fspath(path)} holds another model: {'; '.join(diff)}.")
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flatten(value, f"{prefix}{key}."))
-    else:
-      out[prefix + key] = tuple(value) if isinstance(value, list) else value
-  return out
 
 
 def load_integer_model(path: str | os.PathLike[str], config: ml_collections.ConfigDict
