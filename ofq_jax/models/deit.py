@@ -19,6 +19,7 @@ from flax import nnx
 
 from ofq_jax.models.attention import QKRAttention, StandardAttention
 from ofq_jax.models.dtypes import cast_floating, param_dtype
+from ofq_jax.models.fences import residual_fence
 from ofq_jax.models.layers import Mlp, PatchEmbed, QDense
 from ofq_jax.models.config import model_config, validate_config  # noqa: F401
 from ofq_jax.quant.rules import QuantRules
@@ -50,7 +51,9 @@ class Block(nnx.Module):
                    precision=config.precision)
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    x = residual_fence(x)
     x = x + self.attn(self.norm1(x))
+    x = residual_fence(x)
     return x + self.mlp(self.norm2(x))
 
 
