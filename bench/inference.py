@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
-from ofq_jax import export
+from ofq_jax import export, host_memory
 from ofq_jax.models import calibrate, create_model, model_config
 from ofq_jax.paths import dotted, state_path
 
@@ -83,6 +83,7 @@ def main(argv=None) -> list[dict]:
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--json", action="store_true")
   args = parser.parse_args(argv)
+  host_memory.keep_freed_memory_on_cpu()  # as python -m ofq_jax.main does
   rows = []
   with tempfile.TemporaryDirectory() as directory:
     for name in args.models:

@@ -7,7 +7,8 @@
 
 Prints images/s, step time, achieved FLOP/s (XLA's cost analysis of the compiled
 step divided by the step time) and that rate as a fraction of this machine's float32
-GEMM rate measured in the same process, compile time and peak RSS; ``--json`` prints
+GEMM rate measured in the same process, compile time, peak RSS and the host memory
+newly faulted per step (``--host-malloc``, see ``ofq_jax.host_memory``); ``--json`` prints
 one JSON line (the last variant's numbers, and ``variants``: every one). ``--tracking
 on`` (default, as the train loop runs) includes the oscillation tracker's update every
 step; ``--matmul integer`` runs the quantized matmuls on integer levels
@@ -28,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from ofq_jax import losses, optim, sharding
+from ofq_jax import host_memory, losses, optim, sharding
 from ofq_jax import step as step_lib
 from ofq_jax.models import calibrate, create_model, model_config
 from ofq_jax.models.tracker import tracking_config
@@ -82,7 +83,12 @@ def main(argv=None) -> dict:
   parser.add_argument("--teacher-precision", choices=("highest", "high", "default"),
                       default="highest")
   parser.add_argument("--json", action="store_true")
+  parser.add_argument("--host-malloc", choices=("keep", "default"), default="keep",
+                      help="keep: reuse freed host memory on CPU (ofq_jax.host_memory, as "
+                           "python -m ofq_jax.main does); default: glibc's behaviour")
   args = parser.parse_args(argv)
+  if args.host_malloc == "keep":
+    host_memory.keep_freed_memory_on_cpu()
 
   mesh = sharding.make_mesh()
   sharding.check_batch(args.batch, mesh)
@@ -116,10 +122,12 @@ def main(argv=None) -> dict:
                                     compile_seconds=compile_seconds, times=[])
   for _ in range(args.steps):  # alternate, so every variant sees the same machine state
     for run in runs.values():
+      faults = host_memory.page_faults()
       start = time.perf_counter()
       run["state"], metrics = run["compiled"](run["state"], run["batch"], run["teacher"])
       jax.block_until_ready(metrics)
       run["times"].append(time.perf_counter() - start)
+      run.setdefault("faults", []).append(host_memory.page_faults() - faults)
   gemm = gemm_rate()
   results = []
   for (tracking, matmul), run in runs.items():
@@ -135,6 +143,8 @@ def main(argv=None) -> dict:
         "gemm_fraction": run["flops"] / step_seconds / gemm,
         "compile_seconds": run["compile_seconds"],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        "faulted_mb_per_step": float(np.median(run["faults"])) * resource.getpagesize() / 2**20,
+        "host_malloc": args.host_malloc,
     })
   result = dict(results[-1], variants=results)
   if args.json:
@@ -146,12 +156,14 @@ def main(argv=None) -> dict:
 
 def _print_table(results: list[dict]) -> None:
   print(f"{'model':<7}{'bits':>5}{'batch':>6}{'tracking':>9}{'matmul':>9}{'img/s':>9}"
-        f"{'step s':>9}{'GFLOP/s':>9}{'of GEMM':>9}{'compile s':>10}{'RSS MB':>8}")
+        f"{'step s':>9}{'GFLOP/s':>9}{'of GEMM':>9}{'compile s':>10}{'RSS MB':>8}"
+        f"{'faulted MB':>11}")
   for r in results:
     print(f"{r['model']:<7}{r['bits']:>5}{r['batch']:>6}{r['tracking']:>9}{r['matmul']:>9}"
           f"{r['images_per_sec']:>9.2f}{r['step_seconds']:>9.3f}"
           f"{r['flops_per_sec'] / 1e9:>9.1f}{100 * r['gemm_fraction']:>8.1f}%"
-          f"{r['compile_seconds']:>10.1f}{r['peak_rss_mb']:>8.0f}")
+          f"{r['compile_seconds']:>10.1f}{r['peak_rss_mb']:>8.0f}"
+          f"{r['faulted_mb_per_step']:>11.0f}")
   print(f"float32 GEMM rate here: {results[0]['gemm_flops_per_sec'] / 1e9:.1f} GFLOP/s "
         "(1024^3, precision='highest')")
 

@@ -35,6 +35,8 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if FLAGS.verbosity <= 0:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; -v 1 shows it
+  from ofq_jax import host_memory  # pylint: disable=import-outside-toplevel
+  host_memory.keep_freed_memory_on_cpu()  # before jax starts its threads
   import jax  # pylint: disable=import-outside-toplevel
   if FLAGS.cpu_collectives:
     jax.config.update("jax_cpu_collectives_implementation", FLAGS.cpu_collectives)

@@ -1,0 +1,86 @@
+"""Keeps freed host memory for reuse, so XLA:CPU does not re-fault its buffers every step.
+
+XLA:CPU allocates an execution's temporaries as one block (848 MB for the DeiT-T W2A2
+batch-8 train step) and frees it afterwards. glibc serves blocks that large with a
+fresh ``mmap`` (a worker thread's arena always does, whatever ``M_MMAP_MAX`` says), so
+every step zero-fills ~860 MB of new pages: 0.4 CPU-seconds per step, a fifth of the
+step's CPU time on a 2-core box (``bench/train_step.py`` prints the page faults). One
+malloc arena, no ``mmap`` and no trimming make glibc hand the same block back instead.
+
+Applied by ``python -m ofq_jax.main`` and the ``bench/`` scripts to CPU-only runs,
+before jax starts its threads; a notebook calls ``keep_freed_memory()`` in its first
+cell. ``OFQ_JAX_HOST_MALLOC=default`` leaves malloc alone. Runs with an accelerator
+are left alone too: their host does little but feed input, where one arena could slow a
+many-threaded input pipeline.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import importlib.metadata
+import importlib.util
+import os
+import pkgutil
+import resource
+
+OPT_OUT_ENV = "OFQ_JAX_HOST_MALLOC"
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # glibc's mallopt parameters
+_applied = False
+
+
+def keep_freed_memory() -> bool:
+  """Sets glibc's malloc to reuse freed memory; True when applied (glibc only).
+
+  Call before the first jax computation: threads that already allocated keep their
+  own arenas (and their per-step ``mmap``).
+  """
+  global _applied
+  if _applied:
+    return True
+  if os.environ.get(OPT_OUT_ENV, "").lower() == "default":
+    return False
+  name = ctypes.util.find_library("c")
+  try:
+    libc = ctypes.CDLL(name)
+    mallopt = libc.mallopt
+    gnu = libc.gnu_get_libc_version  # only glibc has both
+  except (OSError, AttributeError, TypeError):
+    return False
+  del gnu
+  ok = all(mallopt(param, value) == 1 for param, value in
+           ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2 ** 31 - 1)))
+  _applied = ok
+  return ok
+
+
+def cpu_only() -> bool:
+  """Whether jax will run on the CPU alone, decided without starting a backend.
+
+  ``JAX_PLATFORMS`` (or ``jax.config.jax_platforms``) decides when set; otherwise any
+  installed accelerator plugin (CUDA, ROCm, TPU) means an accelerator may be used.
+  """
+  platforms = os.environ.get("JAX_PLATFORMS", "")
+  if not platforms:
+    import jax  # pylint: disable=import-outside-toplevel
+    platforms = jax.config.jax_platforms or ""
+  if platforms:
+    return {p.strip().lower() for p in platforms.split(",") if p.strip()} == {"cpu"}
+  if list(importlib.metadata.entry_points(group="jax_plugins")):
+    return False
+  if importlib.util.find_spec("libtpu") is not None:
+    return False
+  if importlib.util.find_spec("jax_plugins") is None:  # the namespace CUDA/ROCm plugins use
+    return True
+  import jax_plugins  # pylint: disable=import-outside-toplevel
+  return not list(pkgutil.iter_modules(jax_plugins.__path__))
+
+
+def keep_freed_memory_on_cpu() -> bool:
+  """``keep_freed_memory()`` for CPU-only runs; False (and nothing changed) otherwise."""
+  return cpu_only() and keep_freed_memory()
+
+
+def page_faults() -> int:
+  """This process's minor page faults so far (new pages the kernel zero-filled)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
