@@ -49,6 +49,39 @@ def build(model: str, bits: int, batch: int, attention: str, matmul: str, operan
   return student, teacher, {"image": images, "label": labels}
 
 
+def compile_step(mesh, *, model: str, bits: int, batch: int, attention: str = "qkr",
+                 matmul: str = "fake", operands: str = "auto", backward: str = "float32",
+                 teacher_precision: str = "highest", tracking: bool = True) -> dict:
+  """The training loop's state and step for a random batch, compiled and run once.
+
+  Returns ``compiled``, ``state``, ``batch``, ``teacher`` (call
+  ``compiled(state, batch, teacher)``), XLA's ``flops``, ``compile_seconds`` and an
+  empty ``times`` list.
+  """
+  schedule = optim.epoch_schedule(1000, base_lr=5e-4, epochs=300, warmup_epochs=5)
+  loss = losses.stage_loss(distill=True, num_classes=1000)
+  student, teacher, host_batch = build(model, bits, batch, attention, matmul, operands,
+                                       backward, teacher_precision)
+  global_batch = sharding.global_batch(host_batch, mesh)
+  tx = optim.adamw(schedule, weight_decay=0.05,
+                   mask=optim.weight_decay_mask(nnx.state(student, nnx.Param)))
+  placed_teacher = step_lib.place_teacher(teacher, mesh)
+  spec = step_lib.create_train_state(student, tx, mesh,
+                                     tracking=tracking_config(enabled=tracking))
+  state = step_lib.initial_state(student, tx, spec)
+  step = step_lib.make_train_step(spec, loss, tx, schedule, teacher=placed_teacher)
+  start = time.perf_counter()
+  compiled = step.lower(state, global_batch, placed_teacher.state).compile()
+  compile_seconds = time.perf_counter() - start
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
+  state, metrics = compiled(state, global_batch, placed_teacher.state)  # warm-up
+  jax.block_until_ready(metrics)
+  return dict(compiled=compiled, state=state, batch=global_batch, teacher=placed_teacher.state,
+              flops=flops, compile_seconds=compile_seconds, times=[])
+
+
 def gemm_rate(size: int = 1024, repeats: int = 5) -> float:
   """This machine's float32 GEMM rate (FLOP/s) at ``precision='highest'``, measured here."""
   a = jnp.asarray(np.random.default_rng(0).normal(size=(size, size)), jnp.float32)
@@ -92,34 +125,13 @@ def main(argv=None) -> dict:
 
   mesh = sharding.make_mesh()
   sharding.check_batch(args.batch, mesh)
-  schedule = optim.epoch_schedule(1000, base_lr=5e-4, epochs=300, warmup_epochs=5)
-  loss = losses.stage_loss(distill=True, num_classes=1000)
   runs = {}
   for tracking in _choices(args.tracking, ("off", "on")):
     for matmul in _choices(args.matmul, ("fake", "integer")):
-      student, teacher, host_batch = build(args.model, args.bits, args.batch, args.attention,
-                                           matmul, args.operands, args.backward,
-                                           args.teacher_precision)
-      batch = sharding.global_batch(host_batch, mesh)
-      tx = optim.adamw(schedule, weight_decay=0.05,
-                       mask=optim.weight_decay_mask(nnx.state(student, nnx.Param)))
-      placed_teacher = step_lib.place_teacher(teacher, mesh)
-      # The state and step the training loop builds.
-      spec = step_lib.create_train_state(student, tx, mesh,
-                                         tracking=tracking_config(enabled=tracking == "on"))
-      state = step_lib.initial_state(student, tx, spec)
-      step = step_lib.make_train_step(spec, loss, tx, schedule, teacher=placed_teacher)
-      start = time.perf_counter()
-      compiled = step.lower(state, batch, placed_teacher.state).compile()
-      compile_seconds = time.perf_counter() - start
-      cost = compiled.cost_analysis()
-      cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-      flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
-      state, metrics = compiled(state, batch, placed_teacher.state)  # warm-up
-      jax.block_until_ready(metrics)
-      runs[tracking, matmul] = dict(compiled=compiled, state=state, batch=batch,
-                                    teacher=placed_teacher.state, flops=flops,
-                                    compile_seconds=compile_seconds, times=[])
+      runs[tracking, matmul] = compile_step(
+          mesh, model=args.model, bits=args.bits, batch=args.batch, attention=args.attention,
+          matmul=matmul, operands=args.operands, backward=args.backward,
+          teacher_precision=args.teacher_precision, tracking=tracking == "on")
   for _ in range(args.steps):  # alternate, so every variant sees the same machine state
     for run in runs.values():
       faults = host_memory.page_faults()
