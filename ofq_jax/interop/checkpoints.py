@@ -25,6 +25,13 @@ STATSQ_CLIP_VAL = 2.0
 """The reference's fixed (non-trainable) StatsQ ``clip_val`` buffer."""
 
 
+_CONFIG_FIELDS = {
+    "deit": "size, depth, num_classes, distilled, img_size, quant.attention, "
+            "quant.weight_method",
+    "swin": "size, embed_dim, depths, num_heads, window_size, num_classes, img_size",
+}
+
+
 class CheckpointMismatchError(ValueError):
   """A checkpoint's keys or shapes do not fit the model; lists every offender."""
 
@@ -50,9 +57,9 @@ def reference_buffers(model: nnx.Module) -> dict[str, np.ndarray]:
 
 def _load_into(model: nnx.Module, state: Mapping[str, np.ndarray], *,
                buffers: Mapping[str, np.ndarray], may_be_missing: Callable[[str], bool],
-               source: str, dtype: np.dtype) -> None:
+               source: str, dtype: np.dtype, family: str = "deit") -> None:
   """Checks keys and shapes (all problems in one error), then assigns."""
-  table = entries(nnx.state(model))
+  table = entries(nnx.state(model), family)
   expected = {e.key: e for e in table}
   problems = []
   for key, entry in expected.items():
@@ -78,8 +85,7 @@ def _load_into(model: nnx.Module, state: Mapping[str, np.ndarray], *,
     raise CheckpointMismatchError(
         f"{source} does not fit the model built from this config ({len(problems)} "
         "problem(s)):\n" + "\n".join(problems) +
-        "\nCheck the config (size, depth, num_classes, distilled, img_size, quant.attention, "
-        "quant.weight_method) against the checkpoint.")
+        "\nCheck the config (" + _CONFIG_FIELDS[family] + ") against the checkpoint.")
   flat = nnx.to_flat_state(nnx.state(model))
   for entry, (_, leaf) in zip(table, flat):
     if entry.key in state:

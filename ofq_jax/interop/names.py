@@ -41,6 +41,7 @@ def _flatten(a: Array) -> Array:
 # (regex on the dotted ofq_jax path, torch key template, layout kind); first match wins.
 _RULES: list[tuple[re.Pattern[str], str, str]] = [(re.compile(p), t, k) for p, t, k in [
     (r"patch_embed\.kernel", "patch_embed.proj.weight", "conv"),
+    (r"features\.0\.0\.kernel", "features.0.0.weight", "conv"),  # Swin (torchvision)
     (r"patch_embed\.bias", "patch_embed.proj.bias", "same"),
     (r"patch_embed\.input_quant\.step", "patch_embed.proj.input_quant_fn.s", "same"),
     (r"patch_embed\.input_quant\.signed", "patch_embed.proj.input_quant_fn.signed", "same"),
@@ -90,9 +91,33 @@ class Entry:
     return np.reshape(value, self.jax_shape)
 
 
-def torch_key(path: tuple[str | int, ...]) -> tuple[str, str]:
-  """Reference key and layout kind of an ofq_jax state path."""
+# Swin's module paths -> torchvision's ``features.K...`` names (stage s is features.2s+1,
+# the merge after it features.2s+2), before the rules above apply.
+_SWIN_PATHS: list[tuple[re.Pattern[str], Callable[[re.Match[str]], str]]] = [
+    (re.compile(r"patch_embed\.norm\.(.+)"), lambda m: f"features.0.2.{m[1]}"),
+    (re.compile(r"patch_embed\.(.+)"), lambda m: f"features.0.0.{m[1]}"),
+    (re.compile(r"stages\.(\d+)\.(\d+)\.(.+)"),
+     lambda m: f"features.{2 * int(m[1]) + 1}.{m[2]}.{m[3]}"),
+    (re.compile(r"merges\.(\d+)\.(.+)"), lambda m: f"features.{2 * int(m[1]) + 2}.{m[2]}"),
+]
+_SWIN_MLP = re.compile(r"\.mlp\.fc([12])\.")
+
+
+def swin_name(name: str) -> str:
+  """A Swin state path in torchvision's module names (``mlp.fc1`` -> ``mlp.0``, ...)."""
+  for pattern, rename in _SWIN_PATHS:
+    match = pattern.fullmatch(name)
+    if match:
+      name = rename(match)
+      break
+  return _SWIN_MLP.sub(lambda m: ".mlp.0." if m[1] == "1" else ".mlp.3.", name)
+
+
+def torch_key(path: tuple[str | int, ...], family: str = "deit") -> tuple[str, str]:
+  """Reference key and layout kind of an ofq_jax state path (``family``: deit | swin)."""
   name = dotted(path)
+  if family == "swin":
+    name = swin_name(name)
   for pattern, template, kind in _RULES:
     match = pattern.fullmatch(name)
     if match:
@@ -100,20 +125,20 @@ def torch_key(path: tuple[str | int, ...]) -> tuple[str, str]:
   raise AssertionError(name)  # the last rule matches everything
 
 
-def entries(state: nnx.State) -> list[Entry]:
+def entries(state: nnx.State, family: str = "deit") -> list[Entry]:
   """The name table of every leaf of an NNX state (a model's, or its gradients')."""
   table = []
   for path, leaf in nnx.to_flat_state(state):
     value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
-    key, kind = torch_key(path)
+    key, kind = torch_key(path, family)
     table.append(Entry(tuple(path), key, kind, tuple(np.shape(value))))
   return table
 
 
-def state_to_torch(state: nnx.State) -> dict[str, Array]:
+def state_to_torch(state: nnx.State, family: str = "deit") -> dict[str, Array]:
   """``{reference key: array in torch layout}`` for every leaf of ``state``."""
   out = {}
-  for entry, (_, leaf) in zip(entries(state), nnx.to_flat_state(state)):
+  for entry, (_, leaf) in zip(entries(state, family), nnx.to_flat_state(state)):
     value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
     out[entry.key] = entry.to_torch(np.asarray(value))
   return out

@@ -24,7 +24,8 @@ QK_BIASES = ("drop", "fold")
 PRECISIONS = ("highest", "high", "default")
 
 
-def _quant_config() -> ml_collections.ConfigDict:
+def quant_defaults() -> ml_collections.ConfigDict:
+  """The `quant` block every model family shares (DeiT, Swin)."""
   quant = ml_collections.ConfigDict()
   quant.enabled = False
   quant.weight_bits = 2
@@ -76,7 +77,7 @@ def model_config(size: str | None = "tiny", **overrides: Any) -> ml_collections.
   config.layer_norm_eps = 1e-6
   # Matmul precision; 'highest' keeps float32 (TF32 can flip 2-bit roundings, spec 7.10).
   config.precision = "highest"
-  config.quant = _quant_config()
+  config.quant = quant_defaults()
   if size is not None:
     if size not in PRESETS:
       raise UserError(f"Unknown DeiT size {size!r}; use one of {sorted(PRESETS)} or None.")

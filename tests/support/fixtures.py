@@ -24,6 +24,7 @@ def fixture_names(family: str) -> list[str]:
 
 DEIT_FIXTURES = fixture_names("deit")
 QUANTIZER_FIXTURES = fixture_names("quantizers")
+SWIN_FIXTURES = fixture_names("swin")
 
 
 def fixture_path(name: str) -> pathlib.Path:
@@ -63,6 +64,21 @@ class DeitFixture:
                    weight_method="lsq" if variant == "lsq" else "statsq",
                    attention="qkr" if variant == "qkr" else "standard",
                    matmul=matmul))
+
+
+class SwinFixture(DeitFixture):
+  """One ``swin_*`` fixture (``../shared/fixtures/SWIN.md``): arrays, grouped, and config."""
+
+  def config(self, matmul: str = "fake"):
+    from ofq_jax.models import swin  # pylint: disable=import-outside-toplevel
+    model = self.meta["model"]
+    assert model["window_size"][0] == model["window_size"][1], model["window_size"]
+    return swin.model_config(
+        None, embed_dim=model["embed_dim"], depths=tuple(model["depths"]),
+        num_heads=tuple(model["num_heads"]), window_size=model["window_size"][0],
+        patch_size=model["patch_size"][0], img_size=model["img_size"],
+        num_classes=model["num_classes"], layer_norm_eps=model["layer_norm_eps"],
+        quant=dict(matmul=matmul))
 
 
 def array_group(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
