@@ -24,6 +24,11 @@ from ofq_jax.quant.statsq import cga_frozen_mask
 DEFAULT_TARGETS = (r"blocks\.\d+\.(mlp\.fc1\.kernel|mlp\.fc2\.kernel|attn\.proj\.kernel|"
                    r"attn\.v_kernel|attn\.qkv\.kernel)")
 """The reference's targets: fc1, fc2, proj and v (QKR) or qkv (standard) of every block."""
+SWIN_QKR_TARGETS = (r"stages\.\d+\.\d+\.(mlp\.fc1\.kernel|mlp\.fc2\.kernel|"
+                    r"attn\.proj\.kernel|attn\.v_kernel)|merges\.\d+\.reduction\.kernel")
+"""The reference's targets for a QKR Swin: fc1, fc2, proj, v and every patch-merging
+reduction (its module-name test, SWIN.md 8.2). For the ``statsq`` Swin that test selects
+nothing (it wants ``blocks`` in the name), so the reference's CGA freezes no weight."""
 
 
 class CGAState(NamedTuple):

@@ -13,9 +13,11 @@ from flax import nnx
 
 from ofq_jax.interop.files import read_state_dict
 from ofq_jax.interop.names import entries, state_to_torch, statsq_clip_key
+from ofq_jax.interop.swin_buffers import INDEX_SUFFIX, pop_position_indices, position_indices
 from ofq_jax.paths import dotted
 from ofq_jax.models.attention import QKRAttention
 from ofq_jax.models.config import float_config  # noqa: F401  (notebooks import it here)
+from ofq_jax.models import create_model as create_any_model
 from ofq_jax.models.deit import DeiT, create_model
 from ofq_jax.models.dtypes import param_dtype, state_dtype
 from ofq_jax.models.rounded import rounded_tensors
@@ -48,11 +50,18 @@ def _quantized_modules(model: nnx.Module) -> list[str]:
   return names
 
 
+def reference_family(model: nnx.Module) -> str:
+  """The name table of the reference's state dicts for this model (``names.FAMILIES``)."""
+  return "swin_ofq" if getattr(model, "family", "deit") == "swin" else "deit"
+
+
 def reference_buffers(model: nnx.Module) -> dict[str, np.ndarray]:
   """The reference's StatsQ ``clip_val`` buffers that ofq_jax does not store (one per
   StatsQ-rounded tensor, in the model's floating dtype)."""
   clip = np.array([STATSQ_CLIP_VAL], state_dtype(model))
-  return {statsq_clip_key(t): clip for t in rounded_tensors(model) if t.method == "statsq"}
+  family = reference_family(model)
+  return {statsq_clip_key(t, family): clip for t in rounded_tensors(model)
+          if t.method == "statsq"}
 
 
 def _load_into(model: nnx.Module, state: Mapping[str, np.ndarray], *,
@@ -141,12 +150,20 @@ def load_ofq_torch(state_or_path: Mapping[str, Any] | str | os.PathLike[str],
   if not config.quant.enabled:
     raise ValueError("load_ofq_torch needs config.quant.enabled=True (and the checkpoint's "
                      "bits / attention / weight_method); use load_timm_deit for float DeiTs.")
-  state = read_state_dict(state_or_path)
-  dtype = param_dtype(dtype, state.values())
-  model = create_model(config, dtype=dtype)
+  state = dict(read_state_dict(state_or_path))
+  dtype = param_dtype(dtype, [v for k, v in state.items() if not k.endswith(INDEX_SUFFIX)])
+  model = create_any_model(config, dtype=dtype)
+  family = reference_family(model)
+  if family == "swin_ofq":
+    problems = pop_position_indices(state, model)
+    if problems:
+      raise CheckpointMismatchError(
+          f"{_describe(state_or_path)} does not fit the Swin built from this config "
+          f"({len(problems)} problem(s)):\n" + "\n".join(problems) +
+          "\nCheck window_size and depths against the checkpoint.")
   may_be_missing = (lambda key: False) if calibrated else (lambda key: key.endswith(".s"))
   _load_into(model, state, buffers=reference_buffers(model), may_be_missing=may_be_missing,
-             source=_describe(state_or_path), dtype=dtype)
+             source=_describe(state_or_path), dtype=dtype, family=family)
   return model
 
 
@@ -156,6 +173,9 @@ def export_ofq_torch(model: DeiT) -> dict[str, np.ndarray]:
     if isinstance(module, QKRAttention) and module.key_bias is not None:
       raise ValueError(f"{dotted(path)} has the qk_bias='fold' key bias, which the reference "
                        "model cannot hold; export a model built with qk_bias='drop'.")
-  out = state_to_torch(nnx.state(model))
+  family = reference_family(model)
+  out = state_to_torch(nnx.state(model), family)
   out.update(reference_buffers(model))
+  if family == "swin_ofq":
+    out.update(position_indices(model))
   return out

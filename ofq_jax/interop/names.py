@@ -48,16 +48,17 @@ _RULES: list[tuple[re.Pattern[str], str, str]] = [(re.compile(p), t, k) for p, t
     (r"patch_embed\.weight_quant\.step", "patch_embed.proj.lsqw_fn.s", "same"),
     (r"patch_embed\.(move_b4|move_aft)", r"patch_embed.proj.\1.bias", "same"),
     # QKR attention (spec 3.5): the input quantizer and its biases sit in quant_x_4_qkv.
-    (r"(blocks\.\d+\.attn)\.input_quant\.step", r"\1.quant_x_4_qkv.input_quant_fn.s", "same"),
-    (r"(blocks\.\d+\.attn)\.(move_b4|move_aft)", r"\1.quant_x_4_qkv.\2.bias", "same"),
-    (r"(blocks\.\d+\.attn)\.([qkv])_kernel", r"\1.\2.weight", "dense"),
-    (r"(blocks\.\d+\.attn)\.v_bias", r"\1.v.bias", "same"),
-    (r"(blocks\.\d+\.attn)\.qkx_quant\.step", r"\1.quan_a_qkx_fn.s", "flatten"),
-    (r"(blocks\.\d+\.attn)\.(q|k|v|softmax)_quant\.step", r"\1.quan_a_\2_fn.s", "same"),
+    (r"(.+\.attn)\.input_quant\.step", r"\1.quant_x_4_qkv.input_quant_fn.s", "same"),
+    (r"(.+\.attn)\.(move_b4|move_aft)", r"\1.quant_x_4_qkv.\2.bias", "same"),
+    (r"(.+\.attn)\.([qkv])_kernel", r"\1.\2.weight", "dense"),
+    (r"(.+\.attn)\.v_bias", r"\1.v.bias", "same"),
+    (r"(.+\.attn)\.qkx_quant\.step", r"\1.quan_a_qkx_fn.s", "flatten"),
+    (r"(.+\.attn)\.(q|k|v|softmax)_quant\.step", r"\1.quan_a_\2_fn.s", "same"),
     # Generic Dense / LayerNorm / QDense pieces.
     (r"(.+)\.kernel", r"\1.weight", "dense"),
     (r"(.+)\.scale", r"\1.weight", "same"),
     (r"(.+)\.input_quant\.step", r"\1.input_quant_fn.s", "same"),
+    (r"(.+)\.input_quant\.signed", r"\1.input_quant_fn.signed", "same"),
     (r"(.+)\.weight_quant\.step", r"\1.lsqw_fn.s", "same"),
     (r"(.+)\.(move_\w+)", r"\1.\2.bias", "same"),
     (r"(.+)", r"\1", "same"),
@@ -94,7 +95,7 @@ class Entry:
 # Swin's module paths -> torchvision's ``features.K...`` names (stage s is features.2s+1,
 # the merge after it features.2s+2), before the rules above apply.
 _SWIN_PATHS: list[tuple[re.Pattern[str], Callable[[re.Match[str]], str]]] = [
-    (re.compile(r"patch_embed\.norm\.(.+)"), lambda m: f"features.0.2.{m[1]}"),
+    (re.compile(r"patch_norm\.(.+)"), lambda m: f"features.0.2.{m[1]}"),
     (re.compile(r"patch_embed\.(.+)"), lambda m: f"features.0.0.{m[1]}"),
     (re.compile(r"stages\.(\d+)\.(\d+)\.(.+)"),
      lambda m: f"features.{2 * int(m[1]) + 1}.{m[2]}.{m[3]}"),
@@ -103,21 +104,29 @@ _SWIN_PATHS: list[tuple[re.Pattern[str], Callable[[re.Match[str]], str]]] = [
 _SWIN_MLP = re.compile(r"\.mlp\.fc([12])\.")
 
 
-def swin_name(name: str) -> str:
-  """A Swin state path in torchvision's module names (``mlp.fc1`` -> ``mlp.0``, ...)."""
+FAMILIES = ("deit", "swin", "swin_ofq")
+"""Name tables: DeiT (timm and the reference alike), Swin as torchvision names it, and
+Swin as the OFQ reference names it (its MLP is ``mlp.fc1`` / ``mlp.fc2``)."""
+
+
+def swin_name(name: str, family: str = "swin") -> str:
+  """A Swin state path in torchvision's module names (``mlp.fc1`` -> ``mlp.0`` for
+  torchvision; the reference's quantized Swin keeps ``fc1`` / ``fc2``)."""
   for pattern, rename in _SWIN_PATHS:
     match = pattern.fullmatch(name)
     if match:
       name = rename(match)
       break
-  return _SWIN_MLP.sub(lambda m: ".mlp.0." if m[1] == "1" else ".mlp.3.", name)
+  if family == "swin":
+    name = _SWIN_MLP.sub(lambda m: ".mlp.0." if m[1] == "1" else ".mlp.3.", name)
+  return name
 
 
 def torch_key(path: tuple[str | int, ...], family: str = "deit") -> tuple[str, str]:
-  """Reference key and layout kind of an ofq_jax state path (``family``: deit | swin)."""
+  """Reference key and layout kind of an ofq_jax state path (``family`` in FAMILIES)."""
   name = dotted(path)
-  if family == "swin":
-    name = swin_name(name)
+  if family != "deit":
+    name = swin_name(name, family)
   for pattern, template, kind in _RULES:
     match = pattern.fullmatch(name)
     if match:
@@ -148,7 +157,10 @@ def state_to_torch(state: nnx.State, family: str = "deit") -> dict[str, Array]:
 _STATSQ_MODULES = {"kernel": "statsq_fn", "qk_product": "qk_quant", "v_kernel": "v_quant"}
 
 
-def statsq_clip_key(tensor: Any) -> str:
+def statsq_clip_key(tensor: Any, family: str = "deit") -> str:
   """Reference key of the ``clip_val`` buffer of a StatsQ-rounded tensor
   (``ofq_jax.models.rounded.RoundedTensor``)."""
-  return f"{dotted(tensor.path)}.{_STATSQ_MODULES[tensor.attr]}.clip_val"
+  name = dotted(tensor.path)
+  if family != "deit":
+    name = swin_name(name, family)
+  return f"{name}.{_STATSQ_MODULES[tensor.attr]}.clip_val"

@@ -21,17 +21,8 @@ from ofq_jax.interop.files import read_state_dict
 from ofq_jax.interop.names import state_to_torch
 from ofq_jax.models.config import float_config
 from ofq_jax.models.dtypes import param_dtype
-from ofq_jax.models.swin import SwinTransformer, create_model, relative_position_index
-
-INDEX_SUFFIX = ".attn.relative_position_index"
-
-
-def _index_keys(model: SwinTransformer) -> list[str]:
-  keys, stage_key = [], 1
-  for blocks in model.stages:
-    keys += [f"features.{stage_key}.{i}{INDEX_SUFFIX}" for i in range(len(blocks))]
-    stage_key += 2
-  return keys
+from ofq_jax.interop.swin_buffers import INDEX_SUFFIX, pop_position_indices, position_indices
+from ofq_jax.models.swin import SwinTransformer, create_model
 
 
 def load_torchvision_swin(state_or_path: Mapping[str, Any] | str | os.PathLike[str],
@@ -45,16 +36,8 @@ def load_torchvision_swin(state_or_path: Mapping[str, Any] | str | os.PathLike[s
   """
   state = dict(read_state_dict(state_or_path))
   dtype = param_dtype(dtype, [v for k, v in state.items() if not k.endswith(INDEX_SUFFIX)])
-  model = create_model(float_config(config))
-  expected = relative_position_index(config.window_size).ravel()
-  problems = []
-  for key in _index_keys(model):
-    found = state.pop(key, None)
-    if found is None:
-      problems.append(f"  missing    {key}: expected shape {expected.shape}")
-    elif np.shape(found) != expected.shape or not np.array_equal(found, expected):
-      problems.append(f"  mis-shaped {key}: not the position index of window "
-                      f"{config.window_size} (shape {np.shape(found)})")
+  model = create_model(float_config(config), dtype=dtype)
+  problems = pop_position_indices(state, model)
   if problems:
     raise CheckpointMismatchError(
         f"{_describe(state_or_path)} does not fit the Swin built from this config "
@@ -67,7 +50,6 @@ def load_torchvision_swin(state_or_path: Mapping[str, Any] | str | os.PathLike[s
 
 def export_torchvision_swin(model: SwinTransformer) -> dict[str, np.ndarray]:
   """The torchvision state dict of a float Swin (position indices included)."""
-  out = state_to_torch(nnx.state(model, nnx.Param), family="swin")
-  index = relative_position_index(model.config.window_size).ravel().astype(np.int64)
-  out.update({key: index for key in _index_keys(model)})
+  out = state_to_torch(nnx.state(model), family="swin")
+  out.update(position_indices(model))
   return out

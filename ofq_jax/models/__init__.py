@@ -1,8 +1,28 @@
-"""DeiT models (float and quantized), their configs and the data-dependent LSQ calibration."""
+"""The model families (DeiT, Swin; float and quantized), their configs and the
+data-dependent LSQ calibration. ``create_model`` builds either from its config
+(``config.arch``: absent or ``'deit'`` for DeiT, ``'swin'`` for Swin)."""
 
+from typing import Any
+
+import ml_collections
+from flax import nnx
+
+from ofq_jax.models import deit, swin
 from ofq_jax.models.calibrate import calibrate
 from ofq_jax.models.config import float_config, model_config, quantized_config
-from ofq_jax.models.deit import DeiT, Logits, create_model
+from ofq_jax.models.deit import DeiT, Logits
 
-__all__ = ["DeiT", "Logits", "calibrate", "create_model", "float_config", "model_config",
-           "quantized_config"]
+FAMILIES = {"deit": deit.create_model, "swin": swin.create_model}
+
+
+def create_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs | int = 0, *,
+                 dtype: Any = None) -> nnx.Module:
+  """The DeiT or Swin ``config`` describes (``config.arch``; DeiT configs may omit it)."""
+  arch = config.get("arch", "deit")
+  if arch not in FAMILIES:
+    raise ValueError(f"model.arch={arch!r} is not one of {sorted(FAMILIES)}.")
+  return FAMILIES[arch](config, rngs, dtype=dtype)
+
+
+__all__ = ["DeiT", "FAMILIES", "Logits", "calibrate", "create_model", "float_config",
+           "model_config", "quantized_config"]

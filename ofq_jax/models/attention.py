@@ -75,6 +75,12 @@ def integer_product(spec: QuantSpec, a: Operand, b: Operand) -> jax.Array | None
                                 b.shift, how)
 
 
+def _scaled(logits: jax.Array, head_dim: int, bias: jax.Array | None) -> jax.Array:
+  """``logits * d^-0.5`` (after the product, as the reference), then ``+ bias``."""
+  logits = logits * head_dim ** -0.5
+  return logits if bias is None else logits + bias.astype(logits.dtype)
+
+
 def _softmax_probs(logits: jax.Array, quantizer: LsqQuantizer | None) -> Operand:
   return quantize_operand(jax.nn.softmax(logits, axis=-1), quantizer)
 
@@ -116,7 +122,9 @@ class StandardAttention(nnx.Module):
       self.move_k_aft = move_bias(dim)
       self.move_v_aft = move_bias(dim)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, logits_bias: jax.Array | None = None) -> jax.Array:
+    """``logits_bias`` (broadcastable to ``(B, H, N, N)``) is added after the scaling:
+    Swin's relative-position bias and shift mask."""
     batch, tokens, dim = x.shape
     heads, head_dim = self.num_heads, self.head_dim
     qkv = self.qkv(x)
@@ -136,7 +144,7 @@ class StandardAttention(nnx.Module):
     logits = integer_product(self.spec, q, k.transpose((0, 1, 3, 2)))
     if logits is None:
       logits = jnp.einsum("bhie,bhje->bhij", q.value, k.value, precision=self.precision)
-    probs = _softmax_probs(logits * head_dim ** -0.5, self.softmax_quant)
+    probs = _softmax_probs(_scaled(logits, head_dim, logits_bias), self.softmax_quant)
     out = _attend(self.spec, probs, v, self.precision)
     return self.proj(jnp.reshape(jnp.transpose(out, (0, 2, 1, 3)), (batch, tokens, dim)))
 
@@ -250,7 +258,8 @@ class QKRAttention(nnx.Module, RoundsTensors):
   def quantized_qk_product(self) -> jax.Array:
     return self.rounded("qk_product") if self.spec.quantize_weights else self.qk_product()
 
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, logits_bias: jax.Array | None = None) -> jax.Array:
+    """``logits_bias`` as in ``StandardAttention``."""
     batch, tokens, dim = x.shape
     heads, head_dim = self.num_heads, self.head_dim
     acts = self.input_quant is not None
@@ -281,6 +290,6 @@ class QKRAttention(nnx.Module, RoundsTensors):
     if self.key_bias is not None:
       key_term = jnp.einsum("bjc,hc->bhj", xq, self.key_bias[...], precision=self.precision)
       logits = logits + key_term[:, :, None, :]
-    probs = _softmax_probs(logits * head_dim ** -0.5, self.softmax_quant)
+    probs = _softmax_probs(_scaled(logits, head_dim, logits_bias), self.softmax_quant)
     out = _attend(self.spec, probs, v, self.precision)
     return self.proj(jnp.reshape(jnp.transpose(out, (0, 2, 1, 3)), (batch, tokens, dim)))

@@ -124,17 +124,19 @@ class QDense(nnx.Module, RoundsTensors):
     spec: the layer's QuantSpec (float keeps a plain Dense).
     input_signed: sign of the input quantizer (``fc2`` after GELU is unsigned).
     input_keep_axes, input_step_shape: granularity of the input step: per token
-      ``(1,)``/``(N,)`` on ``(B, N, C)``; per tensor ``()``/``(1,)`` for heads.
+      ``(1,)``/``(N,)`` on ``(B, N, C)``; per tensor ``()``/``(1,)`` for heads; per
+      feature-map column ``(2,)``/``(W,)`` on Swin's ``(B, H, W, C)`` maps.
+    use_bias: False for a bias-free layer (Swin's float patch-merging reduction).
   """
 
   def __init__(self, in_features: int, out_features: int, *, spec: QuantSpec, rngs: nnx.Rngs,
                input_signed: bool = True, input_keep_axes: tuple[int, ...] = (1,),
                input_step_shape: tuple[int, ...] = (1,),
-               precision: Precision = "highest"):
+               precision: Precision = "highest", use_bias: bool = True):
     self.spec = spec
     self.precision = precision
     self.kernel = nnx.Param(default_kernel_init(rngs.params(), (in_features, out_features)))
-    self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32)) if use_bias else None
     self.weight_quant = lsq_weight_quantizer(self.rounds(), (in_features, out_features))
     self.input_quant = (LsqQuantizer(spec.act_bits, signed=input_signed,
                                      step_shape=input_step_shape, keep_axes=input_keep_axes,
@@ -171,8 +173,8 @@ class QDense(nnx.Module, RoundsTensors):
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.quantized_kernel()
     x, x_levels = self.quantize_input(x)
-    return quantized_dense(x, kernel, self.precision, self.spec, x_levels,
-                           self.kernel_levels()) + self.bias[...]
+    y = quantized_dense(x, kernel, self.precision, self.spec, x_levels, self.kernel_levels())
+    return y if self.bias is None else y + self.bias[...]
 
 
 class PatchEmbed(nnx.Module, RoundsTensors):
@@ -230,8 +232,12 @@ class Mlp(nnx.Module):
   """fc1 -> exact (erf) GELU -> fc2; fc2's input quantizer is unsigned (spec 3.3)."""
 
   def __init__(self, dim: int, hidden: int, *, fc1_spec: QuantSpec, fc2_spec: QuantSpec,
-               num_tokens: int, rngs: nnx.Rngs, precision: Precision = "highest"):
-    common = dict(rngs=rngs, input_step_shape=(num_tokens,), precision=precision)
+               num_tokens: int, rngs: nnx.Rngs, precision: Precision = "highest",
+               input_keep_axes: tuple[int, ...] = (1,)):
+    """``num_tokens`` input steps along ``input_keep_axes`` (DeiT: per token; Swin: per
+    feature-map column, ``input_keep_axes=(2,)``)."""
+    common = dict(rngs=rngs, input_step_shape=(num_tokens,), precision=precision,
+                  input_keep_axes=input_keep_axes)
     self.fc1 = QDense(dim, hidden, spec=fc1_spec, input_signed=True, **common)
     self.fc2 = QDense(hidden, dim, spec=fc2_spec, input_signed=False, **common)
 

@@ -1,10 +1,13 @@
 """Swin Transformer (torchvision's ``swin_t`` family) as Flax NNX modules: the float model.
 
 ``model_config('tiny')`` is torchvision's ``swin_t``: patch 4, embed 96, depths 2-2-6-2,
-heads 3-6-12-24, window 7, LayerNorm eps 1e-5. ``create_model(config, rngs)`` builds it;
-``model(images_nhwc, train=...)`` returns the logits of its one head. Layouts are
-Flax's (Dense kernels ``(in, out)``, NHWC maps); parameter names follow torchvision's
-through ``ofq_jax.interop.load_torchvision_swin``.
+heads 3-6-12-24, window 7, LayerNorm eps 1e-5. ``create_model(config, rngs)`` builds it,
+float or quantized (``config.quant``: variants ``attention='qkr'`` (released) and
+``'standard'`` (the reference's ``statsq``), StatsQ weights only);
+``model(images_nhwc, train=...)`` returns the logits of its one head. The layers are
+DeiT's (``QDense``, ``Mlp``, ``PatchEmbed``, the two attentions, with Swin's step
+granularities: per window token in attention, per feature-map column in the MLPs and
+reductions); names map to torchvision's and the reference's in ``ofq_jax.interop``.
 
 What torchvision does and this module does too: shifted windows (roll by ``-M//2``)
 with the -100 mask between regions of the rolled map, the shift switched off per axis
@@ -12,11 +15,15 @@ when the padded map is no larger than the window, relative-position bias
 ``table[(dr + M-1) * (2M-1) + (dc + M-1)]``, patch merging concatenating the sub-grids
 ``(0,0), (1,0), (0,1), (1,1)`` (row, column offsets) before its LayerNorm and bias-free
 reduction, stochastic depth per sample growing linearly over the blocks, mean pooling
-and one head. The quantized Swin (the OFQ paper's third model) is not built yet.
+and one head; the attention scales after the product (the reference; torchvision
+scales q first, a float-rounding difference). The shift switch-off is decided per call
+from the (static) map size, which equals the reference's persistent switch-off at a
+fixed input size (SWIN.md 6.3).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -26,9 +33,13 @@ import numpy as np
 from flax import nnx
 
 from ofq_jax.errors import UserError
-from ofq_jax.models.config import PRECISIONS, quant_defaults
+from ofq_jax.models.attention import QKRAttention, StandardAttention
+from ofq_jax.models.config import ATTENTIONS, PRECISIONS, QK_BIASES, quant_defaults
+from ofq_jax.models.dtypes import cast_floating, param_dtype
 from ofq_jax.models.fences import residual_fence
-from ofq_jax.models.layers import dense, erf_gelu
+from ofq_jax.models.layers import Mlp, PatchEmbed, QDense
+from ofq_jax.quant import integer
+from ofq_jax.quant.rules import QuantRules, QuantSpec
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7),
@@ -90,9 +101,20 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise UserError(f"drop_path={config.drop_path!r} is not in [0, 1).")
   if config.precision not in PRECISIONS:
     raise UserError(f"precision={config.precision!r} is not one of {PRECISIONS}.")
-  if config.quant.enabled:
-    raise UserError("model.quant.enabled=True: the quantized Swin is not built yet (issue "
-                    "15); train the float Swin, or use DeiT for OFQ.")
+  quant = config.quant
+  for field in ("weight_bits", "act_bits"):
+    bits = quant[field]
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+      raise UserError(f"model.quant.{field}={bits!r} is not an integer in [2, 8].")
+  if quant.enabled and quant.weight_method != "statsq":
+    raise UserError(f"model.quant.weight_method={quant.weight_method!r}: Swin has no LSQ-weight "
+                    "baseline (the reference refuses it); use 'statsq'.")
+  choices = dict(attention=ATTENTIONS, qk_bias=QK_BIASES, matmul=integer.MATMULS,
+                 matmul_operands=integer.OPERANDS,
+                 matmul_backward=tuple(integer.BACKWARD_PRECISIONS))
+  for field, allowed in choices.items():
+    if quant[field] not in allowed:
+      raise UserError(f"model.quant.{field}={quant[field]!r} is not one of {allowed}.")
 
 
 def relative_position_index(window: int) -> np.ndarray:
@@ -131,80 +153,72 @@ def window_merge(x: jax.Array, batch: int, height: int, width: int, window: int)
   return jnp.reshape(jnp.transpose(x, (0, 1, 3, 2, 4, 5)), (batch, height, width, chans))
 
 
-class Linear(nnx.Module):
-  """``x @ kernel (+ bias)`` as one GEMM at the config's precision (torch's init)."""
+def window_attention(module: nnx.Module, x: jax.Array,
+                     attend: Callable[[jax.Array, jax.Array], jax.Array]) -> jax.Array:
+  """Shifted-window attention on a ``(B, H, W, C)`` map around ``attend(windows, bias)``.
 
-  def __init__(self, in_features: int, out_features: int, *, rngs: nnx.Rngs, bias: bool = True,
-               precision: str = "highest"):
-    bound = 1.0 / np.sqrt(in_features)
-    init = nnx.initializers.uniform(2 * bound)
-    self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features)) - bound)
-    self.bias = nnx.Param(init(rngs.params(), (out_features,)) - bound) if bias else None
-    self.precision = precision
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    y = dense(x, self.kernel[...], self.precision)
-    return y if self.bias is None else y + self.bias[...]
-
-
-class ShiftedWindowAttention(nnx.Module):
-  """Window attention with relative-position bias, on a ``(B, H, W, C)`` map."""
-
-  def __init__(self, dim: int, heads: int, window: int, shift: int, *, rngs: nnx.Rngs,
-               precision: str):
-    self.heads, self.window, self.shift = heads, window, shift
-    self.qkv = Linear(dim, 3 * dim, rngs=rngs, precision=precision)
-    self.proj = Linear(dim, dim, rngs=rngs, precision=precision)
-    table = nnx.initializers.truncated_normal(stddev=0.02)
-    self.relative_position_bias_table = nnx.Param(
-        table(rngs.params(), ((2 * window - 1) ** 2, heads)))
-    self.precision = precision
-
-  def position_bias(self) -> jax.Array:
-    """``(H, N, N)`` bias read from the table."""
-    index = relative_position_index(self.window).ravel()
-    n = self.window ** 2
-    bias = self.relative_position_bias_table[...][index]
-    return jnp.transpose(jnp.reshape(bias, (n, n, self.heads)), (2, 0, 1))
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    batch, height, width, dim = x.shape
-    m = self.window
-    pad_h, pad_w = (-height) % m, (-width) % m
-    x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
-    full_h, full_w = height + pad_h, width + pad_w
-    shift = (0 if m >= full_h else self.shift, 0 if m >= full_w else self.shift)
-    if any(shift):
-      x = jnp.roll(x, (-shift[0], -shift[1]), axis=(1, 2))
-    windows = window_partition(x, m)                                      # (B nW, N, C)
-    tokens, head_dim = windows.shape[1], dim // self.heads
-    qkv = jnp.reshape(self.qkv(windows), (-1, tokens, 3, self.heads, head_dim))
-    q, k, v = (jnp.transpose(qkv[:, :, i], (0, 2, 1, 3)) for i in range(3))  # (B nW, H, N, d)
-    q = q * jnp.asarray(head_dim ** -0.5, q.dtype)
-    logits = jnp.matmul(q, jnp.swapaxes(k, -1, -2), precision=self.precision)
-    logits = logits + self.position_bias().astype(logits.dtype)
-    if any(shift):
-      mask = jnp.asarray(shift_mask(full_h, full_w, m, shift), logits.dtype)   # (nW, N, N)
-      logits = jnp.reshape(logits, (batch, -1, self.heads, tokens, tokens)) + mask[None, :, None]
-      logits = jnp.reshape(logits, (-1, self.heads, tokens, tokens))
-    probs = jax.nn.softmax(logits, axis=-1)
-    out = jnp.matmul(probs, v, precision=self.precision)                   # (B nW, H, N, d)
-    out = self.proj(jnp.reshape(jnp.transpose(out, (0, 2, 1, 3)), (-1, tokens, dim)))
-    x = window_merge(out, batch, full_h, full_w, m)
-    if any(shift):
-      x = jnp.roll(x, shift, axis=(1, 2))
-    return x[:, :height, :width]
+  Pads right/bottom to multiples of the window, switches the shift off per axis
+  where the padded map is no larger than the window, rolls by ``-shift``, attends
+  within windows with the relative-position bias (and the shift mask), and undoes
+  all of it.
+  """
+  batch, height, width, _ = x.shape
+  m = module.window
+  pad_h, pad_w = (-height) % m, (-width) % m
+  x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
+  full_h, full_w = height + pad_h, width + pad_w
+  shift = (0 if m >= full_h else module.shift, 0 if m >= full_w else module.shift)
+  if any(shift):
+    x = jnp.roll(x, (-shift[0], -shift[1]), axis=(1, 2))
+  windows = window_partition(x, m)                                        # (B nW, N, C)
+  bias = position_bias(module.relative_position_bias_table[...], m)[None]  # (1, H, N, N)
+  if any(shift):
+    mask = jnp.asarray(shift_mask(full_h, full_w, m, shift), bias.dtype)   # (nW, N, N)
+    bias = bias + jnp.tile(mask, (batch, 1, 1))[:, None]                  # (B nW, H, N, N)
+  x = window_merge(attend(windows, bias), batch, full_h, full_w, m)
+  if any(shift):
+    x = jnp.roll(x, shift, axis=(1, 2))
+  return x[:, :height, :width]
 
 
-class Mlp(nnx.Module):
-  """``fc1`` -> exact GELU -> ``fc2`` (torchvision's ``mlp.0`` and ``mlp.3``)."""
+def position_bias(table: jax.Array, window: int) -> jax.Array:
+  """``(H, N, N)`` bias read from the ``((2M-1)^2, H)`` table."""
+  n = window * window
+  bias = table[relative_position_index(window).ravel()]
+  return jnp.transpose(jnp.reshape(bias, (n, n, table.shape[-1])), (2, 0, 1))
 
-  def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, precision: str):
-    self.fc1 = Linear(dim, hidden, rngs=rngs, precision=precision)
-    self.fc2 = Linear(hidden, dim, rngs=rngs, precision=precision)
+
+def _position_table(rngs: nnx.Rngs, window: int, heads: int) -> nnx.Param:
+  init = nnx.initializers.truncated_normal(stddev=0.02)
+  return nnx.Param(init(rngs.params(), ((2 * window - 1) ** 2, heads)))
+
+
+class SwinAttention(StandardAttention):
+  """Window attention with a fused ``qkv`` (float Swin, and the ``statsq`` variant)."""
+
+  def __init__(self, dim: int, heads: int, window: int, shift: int, *, spec: QuantSpec,
+               proj_spec: QuantSpec, rngs: nnx.Rngs, precision: str):
+    super().__init__(dim, heads, spec=spec, proj_spec=proj_spec, num_tokens=window * window,
+                     rngs=rngs, precision=precision)
+    self.relative_position_bias_table = _position_table(rngs, window, heads)
+    self.window, self.shift = window, shift
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.fc2(erf_gelu(self.fc1(x)))
+    return window_attention(self, x, lambda w, b: StandardAttention.__call__(self, w, b))
+
+
+class SwinQKRAttention(QKRAttention):
+  """Window attention with query-key reparameterization (the ``qkr`` variant)."""
+
+  def __init__(self, dim: int, heads: int, window: int, shift: int, *, spec: QuantSpec,
+               proj_spec: QuantSpec, rngs: nnx.Rngs, precision: str, qk_bias: str = "drop"):
+    super().__init__(dim, heads, spec=spec, proj_spec=proj_spec, num_tokens=window * window,
+                     rngs=rngs, qk_bias=qk_bias, precision=precision)
+    self.relative_position_bias_table = _position_table(rngs, window, heads)
+    self.window, self.shift = window, shift
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return window_attention(self, x, lambda w, b: QKRAttention.__call__(self, w, b))
 
 
 def drop_path(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
@@ -218,14 +232,22 @@ def drop_path(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
 class SwinBlock(nnx.Module):
   """``x + attn(LN(x))`` then ``x + mlp(LN(x))``, each branch with stochastic depth."""
 
-  def __init__(self, dim: int, heads: int, window: int, shift: int, drop_rate: float, *,
-               config: ml_collections.ConfigDict, rngs: nnx.Rngs):
+  def __init__(self, config: ml_collections.ConfigDict, rules: QuantRules, prefix: str, *,
+               dim: int, heads: int, map_width: int, shift: int, drop_rate: float,
+               rngs: nnx.Rngs):
     norm = dict(epsilon=config.layer_norm_eps, use_fast_variance=False, rngs=rngs)
     self.norm1 = nnx.LayerNorm(dim, **norm)
-    self.attn = ShiftedWindowAttention(dim, heads, window, shift, rngs=rngs,
-                                       precision=config.precision)
+    common = dict(spec=rules(f"{prefix}.attn"), proj_spec=rules(f"{prefix}.attn.proj"),
+                  rngs=rngs, precision=config.precision)
+    if config.quant.enabled and config.quant.attention == "qkr":
+      self.attn = SwinQKRAttention(dim, heads, config.window_size, shift,
+                                   qk_bias=config.quant.qk_bias, **common)
+    else:
+      self.attn = SwinAttention(dim, heads, config.window_size, shift, **common)
     self.norm2 = nnx.LayerNorm(dim, **norm)
-    self.mlp = Mlp(dim, int(dim * config.mlp_ratio), rngs=rngs, precision=config.precision)
+    self.mlp = Mlp(dim, int(dim * config.mlp_ratio), fc1_spec=rules(f"{prefix}.mlp.fc1"),
+                   fc2_spec=rules(f"{prefix}.mlp.fc2"), num_tokens=map_width,
+                   input_keep_axes=(2,), rngs=rngs, precision=config.precision)
     self.drop_rate = drop_rate
 
   def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
@@ -237,12 +259,20 @@ class SwinBlock(nnx.Module):
 
 
 class PatchMerging(nnx.Module):
-  """2x2 neighbours concatenated (offsets (0,0), (1,0), (0,1), (1,1)) -> LN -> 4C -> 2C."""
+  """2x2 neighbours concatenated (offsets (0,0), (1,0), (0,1), (1,1)) -> LN -> 4C -> 2C.
 
-  def __init__(self, dim: int, *, config: ml_collections.ConfigDict, rngs: nnx.Rngs):
+  The float reduction has no bias; the quantized one has (the reference's QLinear
+  always builds one), with per-column input steps on the ``(B, H/2, W/2, 4C)`` map.
+  """
+
+  def __init__(self, dim: int, map_width: int, *, spec: QuantSpec,
+               config: ml_collections.ConfigDict, rngs: nnx.Rngs):
     self.norm = nnx.LayerNorm(4 * dim, epsilon=config.layer_norm_eps, use_fast_variance=False,
                               rngs=rngs)
-    self.reduction = Linear(4 * dim, 2 * dim, bias=False, rngs=rngs, precision=config.precision)
+    quantized = spec.quantize_weights or spec.quantize_acts
+    self.reduction = QDense(4 * dim, 2 * dim, spec=spec, rngs=rngs, input_keep_axes=(2,),
+                            input_step_shape=((map_width + 1) // 2,), use_bias=quantized,
+                            precision=config.precision)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     height, width = x.shape[1], x.shape[2]
@@ -251,68 +281,58 @@ class PatchMerging(nnx.Module):
     return self.reduction(self.norm(jnp.concatenate(parts, axis=-1)))
 
 
-class PatchEmbed(nnx.Module):
-  """``p x p`` stride-``p`` conv (as a GEMM over flattened patches) -> LayerNorm."""
-
-  def __init__(self, config: ml_collections.ConfigDict, rngs: nnx.Rngs):
-    p, chans, dim = config.patch_size, config.in_chans, config.embed_dim
-    fan_in = p * p * chans
-    bound = 1.0 / np.sqrt(fan_in)
-    init = nnx.initializers.uniform(2 * bound)
-    self.kernel = nnx.Param(init(rngs.params(), (p, p, chans, dim)) - bound)  # HWIO
-    self.bias = nnx.Param(init(rngs.params(), (dim,)) - bound)
-    self.norm = nnx.LayerNorm(dim, epsilon=config.layer_norm_eps, use_fast_variance=False,
-                              rngs=rngs)
-    self.patch_size, self.precision = p, config.precision
-
-  def __call__(self, images: jax.Array) -> jax.Array:
-    batch, height, width, chans = images.shape
-    p = self.patch_size
-    x = jnp.reshape(images, (batch, height // p, p, width // p, p, chans))
-    x = jnp.reshape(jnp.transpose(x, (0, 1, 3, 2, 4, 5)),
-                    (batch, height // p, width // p, p * p * chans))
-    kernel = jnp.reshape(self.kernel[...], (p * p * chans, -1))
-    return self.norm(dense(x, kernel, self.precision) + self.bias[...])
-
-
 class SwinTransformer(nnx.Module):
-  """torchvision's ``SwinTransformer`` (v1): stages of blocks with patch merging between."""
+  """torchvision's ``SwinTransformer`` (v1): stages of blocks with patch merging between;
+  quantized where ``config.quant`` rules say so (module paths in ``ofq_jax.quant.rules``)."""
+
+  family = "swin"
 
   def __init__(self, config: ml_collections.ConfigDict, rngs: nnx.Rngs):
     validate_config(config)
     self.config = config
-    self.patch_embed = PatchEmbed(config, rngs)
+    rules = QuantRules.from_config(config.quant)
+    dim = config.embed_dim
+    self.patch_embed = PatchEmbed(config.img_size, config.patch_size, config.in_chans, dim,
+                                  spec=rules("patch_embed.proj"), rngs=rngs,
+                                  precision=config.precision)
+    self.patch_norm = nnx.LayerNorm(dim, epsilon=config.layer_norm_eps,
+                                    use_fast_variance=False, rngs=rngs)
     total = sum(config.depths)
+    width = config.img_size // config.patch_size
     stages, merges, index = [], [], 0
-    for stage, (depth, heads) in enumerate(zip(config.depths, config.num_heads)):
-      dim = config.embed_dim * 2 ** stage
+    for s, (depth, heads) in enumerate(zip(config.depths, config.num_heads)):
       blocks = []
       for i in range(depth):
-        rate = config.drop_path * index / max(total - 1, 1)
-        shift = 0 if i % 2 == 0 else config.window_size // 2
-        blocks.append(SwinBlock(dim, heads, config.window_size, shift, rate, config=config,
-                                rngs=rngs))
+        blocks.append(SwinBlock(
+            config, rules, f"stages.{s}.{i}", dim=dim, heads=heads, map_width=width,
+            shift=0 if i % 2 == 0 else config.window_size // 2,
+            drop_rate=config.drop_path * index / max(total - 1, 1), rngs=rngs))
         index += 1
       stages.append(nnx.List(blocks))
-      if stage < len(config.depths) - 1:
-        merges.append(PatchMerging(dim, config=config, rngs=rngs))
+      if s < len(config.depths) - 1:
+        merges.append(PatchMerging(dim, width, spec=rules(f"merges.{s}.reduction"),
+                                   config=config, rngs=rngs))
+        dim, width = 2 * dim, (width + 1) // 2
     self.stages = nnx.List(stages)
     self.merges = nnx.List(merges)
-    last = config.embed_dim * 2 ** (len(config.depths) - 1)
-    self.norm = nnx.LayerNorm(last, epsilon=config.layer_norm_eps, use_fast_variance=False,
+    self.norm = nnx.LayerNorm(dim, epsilon=config.layer_norm_eps, use_fast_variance=False,
                               rngs=rngs)
-    self.head = Linear(last, config.num_classes, rngs=rngs, precision=config.precision)
+    self.head = QDense(dim, config.num_classes, spec=rules("head"), rngs=rngs,
+                       input_keep_axes=(), input_step_shape=(1,), precision=config.precision)
+    rules.check_all_matched()
 
   def features(self, images: jax.Array, key: jax.Array | None = None) -> jax.Array:
     """Pooled final features ``(B, C_last)``."""
     _check_images(images, self.config)
+    side = self.config.img_size // self.config.patch_size
     x = self.patch_embed(images)
+    x = self.patch_norm(jnp.reshape(x, (x.shape[0], side, side, x.shape[-1])))
     keys = iter(jax.random.split(key, sum(self.config.depths)) if key is not None else [])
-    for stage, blocks in enumerate(self.stages):
+    for s, blocks in enumerate(self.stages):
       for block in blocks:
         x = block(x, next(keys, None))
-      if stage < len(self.merges):
-        x = self.merges[stage](x)
+      if s < len(self.merges):
+        x = self.merges[s](x)
     return jnp.mean(self.norm(x), axis=(1, 2))
 
   def __call__(self, images: jax.Array, *, train: bool = False,
@@ -329,9 +349,12 @@ def _check_images(images: jax.Array, config: ml_collections.ConfigDict) -> None:
                      "with images.transpose(0, 2, 3, 1) or set img_size.")
 
 
-def create_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs | int = 0
-                 ) -> SwinTransformer:
-  """Builds the Swin described by ``config`` (float)."""
+def create_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs | int = 0, *,
+                 dtype: Any = None) -> SwinTransformer:
+  """Builds the (float or quantized) Swin described by ``config``; ``dtype`` as DeiT's."""
   if isinstance(rngs, int):
     rngs = nnx.Rngs(rngs)
-  return SwinTransformer(config, rngs)
+  model = SwinTransformer(config, rngs)
+  if param_dtype(dtype) != np.float32:
+    cast_floating(model, dtype)
+  return model

@@ -4,7 +4,9 @@ Module paths of the DeiT (``ofq_jax.models.deit``): ``patch_embed.proj``,
 ``blocks.{i}.attn`` (everything inside attention except its output projection:
 the QKR product or the qkv layer, and the activation quantizers of x, q, k, v,
 ``W_qk x`` and the softmax), ``blocks.{i}.attn.proj``, ``blocks.{i}.mlp.fc1``,
-``blocks.{i}.mlp.fc2``, ``head``, ``head_dist``.
+``blocks.{i}.mlp.fc2``, ``head``, ``head_dist``. Of the Swin (``ofq_jax.models.swin``):
+``patch_embed.proj``, ``stages.{s}.{i}.attn``, ``stages.{s}.{i}.attn.proj``,
+``stages.{s}.{i}.mlp.fc1`` / ``fc2``, ``merges.{s}.reduction``, ``head``.
 
 A rule is ``"REGEX=SPEC"`` (``SPEC`` is ``float``, ``w4a4``, ``w2a2:lsq``,
 ``w8a4:statsq``; the method applies to the weights) or a ``(regex, QuantSpec |
@@ -107,7 +109,8 @@ def default_rules(weight_bits: int, act_bits: int, weight_method: str
   return [
       (re.compile(r"patch_embed\.proj"), eight_bit),
       (re.compile(r"head|head_dist"), eight_bit),
-      (re.compile(r"blocks\.\d+\..*"), QuantSpec(weight_bits, act_bits, weight_method)),
+      (re.compile(r"(blocks\.\d+|stages\.\d+\.\d+|merges\.\d+)\..*"),
+       QuantSpec(weight_bits, act_bits, weight_method)),
   ]
 
 

@@ -78,7 +78,9 @@ class SwinFixture(DeitFixture):
         num_heads=tuple(model["num_heads"]), window_size=model["window_size"][0],
         patch_size=model["patch_size"][0], img_size=model["img_size"],
         num_classes=model["num_classes"], layer_norm_eps=model["layer_norm_eps"],
-        quant=dict(matmul=matmul))
+        quant=dict(enabled=True, weight_bits=self.meta["bits"], act_bits=self.meta["bits"],
+                   attention="qkr" if self.meta["variant"] == "qkr" else "standard",
+                   matmul=matmul))
 
 
 def array_group(arrays: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:

@@ -13,7 +13,7 @@ from ofq_jax import interop
 from ofq_jax.errors import UserError
 from ofq_jax.interop import CheckpointMismatchError
 from ofq_jax.models import swin
-from tests.support.fixtures import SWIN_FIXTURES, SwinFixture, max_rel_diff
+from support.fixtures import SWIN_FIXTURES, SwinFixture, max_rel_diff
 
 
 @pytest.fixture(scope="module", params=SWIN_FIXTURES)
