@@ -198,7 +198,7 @@ def _print(result: dict) -> None:
 
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--model", choices=("tiny", "small", "base"), default="tiny")
+  parser.add_argument("--model", choices=("tiny", "small", "base", "swin_t"), default="tiny")
   parser.add_argument("--bits", type=int, default=2)
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--attention", choices=("qkr", "standard"), default="qkr")

@@ -4,6 +4,7 @@
   python bench/train_step.py --model small --bits 2 --batch 8 --json
   python bench/train_step.py --model tiny --bits 2 --batch 8 --tracking both
   python bench/train_step.py --model small --bits 2 --batch 8 --matmul both --backward bf16
+  python bench/train_step.py --model swin_t --bits 2 --batch 8 --matmul both
 
 Prints images/s, step time, achieved FLOP/s (XLA's cost analysis of the compiled
 step divided by the step time) and that rate as a fraction of this machine's float32
@@ -31,7 +32,7 @@ from flax import nnx
 
 from ofq_jax import host_memory, losses, optim, sharding
 from ofq_jax import step as step_lib
-from ofq_jax.models import calibrate, create_model, model_config
+from ofq_jax.models import calibrate, create_model, model_config, swin
 from ofq_jax.models.tracker import tracking_config
 from ofq_jax.quant import integer
 
@@ -40,8 +41,10 @@ def build(model: str, bits: int, batch: int, attention: str, matmul: str, operan
           backward: str, teacher_precision: str, seed: int = 0):
   quant = dict(enabled=True, weight_bits=bits, act_bits=bits, attention=attention,
                matmul=matmul, matmul_operands=operands, matmul_backward=backward)
-  student = create_model(model_config(model, quant=quant), nnx.Rngs(seed))
-  teacher = create_model(model_config(model, precision=teacher_precision), nnx.Rngs(seed + 1))
+  configure = (lambda **kw: swin.model_config("tiny", **kw)) if model == "swin_t" else \
+      (lambda **kw: model_config(model, **kw))
+  student = create_model(configure(quant=quant), nnx.Rngs(seed))
+  teacher = create_model(configure(precision=teacher_precision), nnx.Rngs(seed + 1))
   rng = np.random.default_rng(seed)
   images = rng.normal(size=(batch, 224, 224, 3)).astype(np.float32)
   labels = rng.integers(0, 1000, size=(batch,)).astype(np.int32)
@@ -101,7 +104,8 @@ def _choices(value: str, both: tuple[str, str]) -> tuple[str, ...]:
 
 def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--model", choices=("tiny", "small", "base"), default="tiny")
+  parser.add_argument("--model", choices=("tiny", "small", "base", "swin_t"), default="tiny",
+                      help="DeiT-T / S / B or Swin-T (torchvision's swin_t)")
   parser.add_argument("--bits", type=int, default=2)
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--steps", type=int, default=5)

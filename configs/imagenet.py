@@ -1,4 +1,4 @@
-r"""OFQ DeiT on ImageNet-1k, the paper's rows (spec 5.2, 5.3, 6): QAT 300 + 10 epochs with KD
+r"""OFQ DeiT and Swin-T on ImageNet-1k, the paper's rows (spec 5.2, 5.3, 6): QAT 300 + 10 epochs with KD
 from the float distilled DeiT, then CGA 30 epochs at lr 1e-5 (BR 0.005) in the same workdir.
 
   model  bits  top-1  batch    lr       wd    warmup  mixup/cutmix (ls)  rep. aug
@@ -8,11 +8,17 @@ from the float distilled DeiT, then CGA 30 epochs at lr 1e-5 (BR 0.005) in the s
   small  2     75.72  4 x 140  5.47e-4  0.05  5       off                -
   small  3     79.57  8 x 100  3.2e-4   0     0       0.8 / 1.0 (0.1)    x3
   small  4     81.10  8 x 100  3.2e-4   0     0       0.8 / 1.0 (0.1)    x3
+  swin_t 2     78.52  8 x 64   5e-4     0.05  5       off                -
+  swin_t 3     81.09  8 x 64   2e-4     0     0       0.8 / 1.0 (0.1)    -
+  swin_t 4     81.88  8 x 64   2e-4     0     0       0.8 / 1.0 (0.1)    -
 
 top-1: the paper's ImageNet val accuracy after CGA; batch: GPUs x per-GPU batch (the global
 batch is their product; the per-GPU batch is also the LSQ gradient-scale batch, spec 7.6).
 DeiT-S W4A4's released script is broken (spec 7.14): its row assumes the W3A3 flags.
-Arguments: model=tiny|small, bits=2|3|4, stage=qat|cga (default: tiny, 2, qat).
+Swin-T (torchvision's swin_t, KD from the same float model, one head: soft CE to the
+teacher + hard CE; CGA on fc1 / fc2 / v / proj and the patch-merging reductions) uses
+torchvision's IMAGENET1K_V1 file swin_t-704ceda3.pth as init and teacher.
+Arguments: model=tiny|small|swin_t, bits=2|3|4, stage=qat|cga (default: tiny, 2, qat).
 
   python -m ofq_jax.main --config=configs/imagenet.py:model=tiny,bits=2 --workdir=$WORKDIR \
       --config.qat.teacher=$DEIT/deit_tiny_distilled_patch16_224-b40b3cf7.pth \
@@ -30,5 +36,5 @@ from ofq_jax.config_args import parse_arg
 
 
 def get_config(arg: str = ""):
-  return recipes.imagenet(**parse_arg(arg, where="configs/imagenet.py", model=("tiny", "small"),
+  return recipes.imagenet(**parse_arg(arg, where="configs/imagenet.py", model=("tiny", "small", "swin_t"),
                                       bits=(2, 3, 4), stage=("qat", "cga")))

@@ -4,8 +4,9 @@
       --config.data.data_dir=$TFDS_DATA_DIR
 
 ``PATH`` may be an ofq_jax model directory (``workdir/models/<stage>``), a timm / FB
-DeiT file (float) or a checkpoint of the OFQ reference (e.g. the released
-``.pth.tar``, quantized as ``config.model.quant`` says). Sharded like training: the
+DeiT file or a torchvision Swin file (float, by ``config.model.arch``) or a checkpoint of
+the OFQ reference (e.g. the released ``.pth.tar``, quantized as ``config.model.quant``
+says). Sharded like training: the
 batch is split over the ``config.mesh`` devices and hosts.
 """
 
@@ -26,7 +27,8 @@ from ofq_jax import data as data_lib
 from ofq_jax import sharding
 from ofq_jax.checkpointing import load_model_dir
 from ofq_jax.errors import MissingInputError, UserError, one_line
-from ofq_jax.interop import load_ofq_torch, load_timm_deit, read_state_dict
+from ofq_jax.interop import load_ofq_torch, read_state_dict
+from ofq_jax.interop.families import float_format, load_float
 from ofq_jax.models import create_model, float_config, quantized_config
 from ofq_jax.models.quantizers import QuantBuffer
 from ofq_jax.step import evaluate
@@ -56,7 +58,7 @@ def load_for_eval(path: str, model_config) -> tuple[nnx.Module, str]:
   state = read_state_dict(path)
   if any(key.endswith(_REFERENCE_MARKERS) for key in state):
     return load_ofq_torch(state, quantized_config(model_config)), "OFQ reference"
-  return load_timm_deit(state, model_config), "timm / FB DeiT"
+  return load_float(state, model_config), float_format(model_config)
 
 
 def evaluate_checkpoint(config, checkpoint: str) -> dict[str, Any]:

@@ -60,20 +60,31 @@ def _targets(batch: dict[str, Any], num_classes: int, label_smoothing: float) ->
               soft_targets=batch.get("label_soft"))  # mixup / cutmix targets
 
 
+def heads(out) -> tuple[jax.Array, jax.Array]:
+  """``(cls, dist)`` of a train-mode output: DeiT's ``Logits``, or a single-head model's
+  logits (Swin) as both, so that KD is soft CE + hard CE on the same logits (SWIN.md 8.3)."""
+  if isinstance(out, jax.Array):
+    return out, out
+  return out.cls, out.dist
+
+
 def float_loss(out, batch: dict[str, Any], *, num_classes: int,
                label_smoothing: float = 0.0) -> jax.Array:
   """The float stage: CE on both heads, averaged (``out`` is the model's ``Logits``)."""
   targets = _targets(batch, num_classes, label_smoothing)
   ce = lambda logits: classification_loss(logits, batch["label"], **targets)
-  return 0.5 * (ce(out.cls) + ce(out.dist))
+  cls, dist = heads(out)
+  return 0.5 * (ce(cls) + ce(dist))
 
 
 def distill_loss(out, batch: dict[str, Any], teacher, *, teacher_logits: str = "cls",
                  num_classes: int, label_smoothing: float = 0.0) -> jax.Array:
   """QAT and CGA: ``kd_loss`` against the teacher's cls head (the reference, item 7.4)
   or, with ``teacher_logits='avg'``, the mean of its two heads."""
-  soft = teacher.cls if teacher_logits == "cls" else (teacher.cls + teacher.dist) / 2
-  return kd_loss(out.cls, out.dist, jax.lax.stop_gradient(soft), batch["label"],
+  teacher_cls, teacher_dist = heads(teacher)
+  soft = teacher_cls if teacher_logits == "cls" else (teacher_cls + teacher_dist) / 2
+  cls, dist = heads(out)
+  return kd_loss(cls, dist, jax.lax.stop_gradient(soft), batch["label"],
                  **_targets(batch, num_classes, label_smoothing))
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -96,9 +97,21 @@ def plot_oscillation(records, path: str) -> bool:
   return True
 
 
+def block_prefixes(records) -> list[str]:
+  """``scales/<block>.`` of every block with scale records, in model order (DeiT's
+  ``blocks.i``, Swin's ``stages.s.i``)."""
+  found = {m.group(0) for r in records for k in r
+           for m in [re.match(r"scales/(blocks\.\d+|stages\.\d+\.\d+)\.", k)] if m}
+  return sorted(found, key=lambda p: [int(n) for n in re.findall(r"\d+", p)])
+
+
 def plot_scales(records, path: str, block: int = 0) -> bool:
-  """Per-channel scale trajectories of one block's tensors (CGA, else QAT)."""
-  prefix = f"scales/blocks.{block}."
+  """Per-channel scale trajectories of one block's tensors (CGA, else QAT); ``block``
+  counts blocks in model order (over all Swin stages)."""
+  prefixes = block_prefixes(records)
+  if block >= len(prefixes):
+    return False
+  prefix = prefixes[block]
   vectors = [r for r in records if any(k.startswith(prefix) for k in r)]
   stage = "cga" if any(r["stage"] == "cga" for r in vectors) else "qat"
   vectors = sorted((r for r in vectors if r["stage"] == stage), key=lambda r: r["step"])

@@ -13,10 +13,11 @@ from typing import NamedTuple
 
 import ml_collections
 
-from ofq_jax.cga import DEFAULT_TARGETS
+from ofq_jax.cga import DEFAULT_TARGETS, SWIN_QKR_TARGETS
 from ofq_jax.config_args import parse_arg
 from ofq_jax.errors import UserError
 from ofq_jax.methods import METHODS, apply_method
+from ofq_jax.models import swin
 from ofq_jax.models.config import model_config
 from ofq_jax.models.tracker import tracking_config
 
@@ -45,10 +46,15 @@ IMAGENET: dict[tuple[str, int], Row] = {
     ("small", 2): Row(75.72, 4, 140, 5.47e-4, 0.05, 5, 0.0, 0.0, 0.0, 0),
     ("small", 3): Row(79.57, 8, 100, 3.2e-4, 0.0, 0, 0.8, 1.0, 0.1, 3),
     ("small", 4): Row(81.10, 8, 100, 3.2e-4, 0.0, 0, 0.8, 1.0, 0.1, 3),
+    # Swin-T (SWIN.md 8.5, train_scripts/swin_t/*.sh): 8 x 64, no repeated augmentation.
+    ("swin_t", 2): Row(78.52, 8, 64, 5e-4, 0.05, 5, 0.0, 0.0, 0.0, 0),
+    ("swin_t", 3): Row(81.09, 8, 64, 2e-4, 0.0, 0, 0.8, 1.0, 0.1, 0),
+    ("swin_t", 4): Row(81.88, 8, 64, 2e-4, 0.0, 0, 0.8, 1.0, 0.1, 0),
 }
 
 TEACHER_FILES = {"tiny": "deit_tiny_distilled_patch16_224-b40b3cf7.pth",
-                 "small": "deit_small_distilled_patch16_224-649709d9.pth"}
+                 "small": "deit_small_distilled_patch16_224-649709d9.pth",
+                 "swin_t": "swin_t-704ceda3.pth"}  # torchvision IMAGENET1K_V1
 
 # Kept for callers of the earlier names.
 PAPER_TOP1 = {key: row.top1 for key, row in IMAGENET.items()}
@@ -86,7 +92,8 @@ def base() -> ml_collections.ConfigDict:
 
 
 def imagenet(model: str, bits: int, stage: str = "qat") -> ml_collections.ConfigDict:
-  """One row of the paper's table: QAT (300 + 10 epochs) or its CGA stage (30 epochs)."""
+  """One row of the paper's table: QAT (300 + 10 epochs) or its CGA stage (30 epochs);
+  ``model``: DeiT ``tiny`` / ``small`` or ``swin_t``."""
   if (model, bits) not in IMAGENET:
     raise UserError(f"No ImageNet recipe for model={model!r}, bits={bits!r}; rows: "
                      f"{sorted(IMAGENET)}.")
@@ -96,15 +103,21 @@ def imagenet(model: str, bits: int, stage: str = "qat") -> ml_collections.Config
   config = base()
   config.seed = 42  # the reference seeds 42 + rank
   config.stages = (stage,)
-  config.model = model_config(
-      model, num_classes=1000, distilled=True,
-      quant=dict(weight_bits=bits, act_bits=bits, weight_method="statsq", attention="qkr",
-                 # The reference's LSQ gradient scale uses its per-GPU batch (spec 7.6).
-                 lsq_grad_batch=row.per_gpu,
-                 # Reference bug 7.1: attn.proj starts random; 'pretrained' loads it.
-                 attn_proj_init="random",
-                 # Reference 7.3: QKR drops b_q, b_k; 'fold' keeps the attention exact.
-                 qk_bias="drop"))
+  quant = dict(weight_bits=bits, act_bits=bits, weight_method="statsq", attention="qkr",
+               # The reference's LSQ gradient scale uses its per-GPU batch (spec 7.6).
+               lsq_grad_batch=row.per_gpu,
+               # Reference bug 7.1: attn.proj starts random; 'pretrained' loads it.
+               attn_proj_init="random",
+               # Reference 7.3: QKR drops b_q, b_k; 'fold' keeps the attention exact.
+               qk_bias="drop")
+  if model == "swin_t":
+    # Reference quirk (SWIN.md 5): position tables re-drawn; 'pretrained' copies them.
+    # Drop path 0 (the recipe's; torchvision trains swin_t with 0.2).
+    config.model = swin.model_config("tiny", num_classes=1000, drop_path=0.0,
+                                     quant=dict(quant, position_table_init="random"))
+    config.cga.targets = SWIN_QKR_TARGETS
+  else:
+    config.model = model_config(model, num_classes=1000, distilled=True, quant=quant)
   config.data = _dict(
       name="imagenet2012", data_dir=ml_collections.config_dict.placeholder(str),
       manual_dir=ml_collections.config_dict.placeholder(str),
@@ -128,15 +141,26 @@ def imagenet(model: str, bits: int, stage: str = "qat") -> ml_collections.Config
   return config
 
 
-def digits(method: str = "ofq", bits: int = 2, seed: int = 0) -> ml_collections.ConfigDict:
-  """The embedded default: float -> b-bit QAT -> CGA on scikit-learn's digits."""
+def digits(method: str = "ofq", bits: int = 2, seed: int = 0, arch: str = "deit"
+           ) -> ml_collections.ConfigDict:
+  """The embedded default: float -> b-bit QAT -> CGA on scikit-learn's digits.
+
+  ``arch='swin'``: a tiny Swin sized for the 16 px images (patch 2, window 4: an 8 x 8
+  map of four windows, then a 4 x 4 map in one window), with the QKR Swin's CGA targets.
+  """
   config = base()
   config.seed = seed
   config.stages = ("float", "qat", "cga")
-  config.model = model_config(
-      None, embed_dim=96, depth=4, num_heads=3, mlp_ratio=4.0, patch_size=4, img_size=16,
-      num_classes=10, distilled=True,
-      quant=dict(weight_bits=bits, act_bits=bits, attention="qkr", weight_method="statsq"))
+  quant = dict(weight_bits=bits, act_bits=bits, attention="qkr", weight_method="statsq")
+  if arch == "swin":
+    config.model = swin.model_config(
+        None, embed_dim=48, depths=(2, 2), num_heads=(2, 4), window_size=4, patch_size=2,
+        img_size=16, mlp_ratio=4.0, num_classes=10, quant=quant)
+    config.cga.targets = SWIN_QKR_TARGETS
+  else:
+    config.model = model_config(
+        None, embed_dim=96, depth=4, num_heads=3, mlp_ratio=4.0, patch_size=4, img_size=16,
+        num_classes=10, distilled=True, quant=quant)
   config.data = _dict(name="digits", image_size=16, augment="shift")
   config.batch_size = 64
   config.eval_batch_size = 120
@@ -162,4 +186,5 @@ def imagenet_recipe(size: str, bits: int, arg: str = "") -> ml_collections.Confi
 def digits_recipe(arg: str = "") -> ml_collections.ConfigDict:
   """``configs/digits.py``'s config from its argument string ``method=,bits=,seed=``."""
   return digits(**parse_arg(arg, where="configs/digits.py", method=tuple(
-      ["ofq"] + [m for m in METHODS if m != "ofq"]), bits=(2, 3, 4), seed=0))
+      ["ofq"] + [m for m in METHODS if m != "ofq"]), bits=(2, 3, 4), seed=0,
+      arch=("deit", "swin")))

@@ -33,7 +33,8 @@ from ofq_jax import cga, losses, optim, sharding, step
 from ofq_jax.checkpointing import Checkpointer, load_model_dir
 from ofq_jax.data import DataSource, steps_per_epoch
 from ofq_jax.errors import MissingInputError, UserError
-from ofq_jax.interop import load_timm_deit, quantize_from_float
+from ofq_jax.interop import quantize_from_float
+from ofq_jax.interop.families import load_float
 from ofq_jax.models import calibrate, create_model, float_config, quantized_config
 from ofq_jax.models.config import PRECISIONS
 from ofq_jax.models.quantizers import QuantBuffer
@@ -101,12 +102,13 @@ class StagePlan:
 # ----------------------------------------------------------------------------- helpers
 def load_float_model(source: str, workdir: str, model_config) -> nnx.Module:
   """The float model a stage starts from or distils from: ``source`` (a timm / FB DeiT
-  file or an ofq_jax model directory), or this workdir's float stage when empty."""
+  or torchvision Swin file, by ``model_config.arch``, or an ofq_jax model directory), or
+  this workdir's float stage when empty."""
   cfg = float_config(model_config)
   directory = source or os.path.join(workdir, "models", "float")
   if os.path.isdir(directory):
     return load_model_dir(directory, create_model(cfg))
-  return load_timm_deit(source, cfg)
+  return load_float(source, cfg)
 
 
 def load_teacher(config, workdir: str) -> nnx.Module:

@@ -1,4 +1,5 @@
-"""Build the quantized DeiT from a float one, the way the reference does (spec 3)."""
+"""Build the quantized DeiT or Swin from a float one, the way the reference does (spec 3,
+SWIN.md 5)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import numpy as np
 from flax import nnx
 
 from ofq_jax.models.attention import QKRAttention, StandardAttention
+from ofq_jax.models import swin
 from ofq_jax.models.deit import DeiT, create_model
+from ofq_jax.models.swin import SwinTransformer
 from ofq_jax.models.dtypes import state_dtype
 from ofq_jax.models.layers import torch_default_linear_init
 
@@ -33,9 +36,9 @@ def _random_dense(dst, key: jax.Array) -> None:
   _copy(dst.bias, bias)
 
 
-def quantize_from_float(float_model: DeiT, config: ml_collections.ConfigDict, *,
-                        seed: int = 0) -> DeiT:
-  """The quantized DeiT of ``config`` initialised from ``float_model``.
+def quantize_from_float(float_model: nnx.Module, config: ml_collections.ConfigDict, *,
+                        seed: int = 0) -> nnx.Module:
+  """The quantized DeiT (or Swin) of ``config`` initialised from ``float_model``.
 
   As the reference: every shared weight is copied; QKR splits ``qkv`` into
   ``q``, ``k``, ``v`` and drops ``b_q``, ``b_k`` (or folds ``b_q`` into a key
@@ -44,10 +47,14 @@ def quantize_from_float(float_model: DeiT, config: ml_collections.ConfigDict, *,
   ``quant.attn_qkv_init`` is ``'pretrained'`` (spec 7.1). Step sizes are
   placeholders until ``calibrate``; move biases start at zero. ``seed`` drives
   the random inits. The quantized state takes the float model's dtype (float32,
-  or float64 under ``jax_enable_x64``).
+  or float64 under ``jax_enable_x64``). A Swin also gets its position tables
+  re-drawn (``quant.position_table_init``) and a random bias on each patch-merging
+  reduction, which the float model does not have (SWIN.md 5).
   """
   if not config.quant.enabled:
     raise ValueError("quantize_from_float needs config.quant.enabled=True.")
+  if getattr(float_model, "family", "deit") == "swin":
+    return _quantize_swin(float_model, config, seed)
   model = create_model(config, nnx.Rngs(seed), dtype=state_dtype(float_model))
   src, dst = float_model, model
   if src.config.embed_dim != config.embed_dim or len(src.blocks) != len(dst.blocks):
@@ -101,3 +108,45 @@ def _init_attention(dst, src: StandardAttention, quant: ml_collections.ConfigDic
     _copy_dense(dst.qkv, src.qkv)
   else:
     _random_dense(dst.qkv, qkv_key)
+
+
+def _copy_norm(dst: nnx.LayerNorm, src: nnx.LayerNorm) -> None:
+  _copy(dst.scale, src.scale)
+  _copy(dst.bias, src.bias)
+
+
+def _quantize_swin(src: SwinTransformer, config: ml_collections.ConfigDict, seed: int
+                   ) -> SwinTransformer:
+  dst = swin.create_model(config, nnx.Rngs(seed), dtype=state_dtype(src))
+  if (src.config.embed_dim, tuple(src.config.depths)) != (config.embed_dim,
+                                                          tuple(config.depths)):
+    raise ValueError(f"Float Swin (embed_dim={src.config.embed_dim}, depths="
+                     f"{tuple(src.config.depths)}) does not match the config (embed_dim="
+                     f"{config.embed_dim}, depths={tuple(config.depths)}).")
+  blocks = [(s, d) for s_stage, d_stage in zip(src.stages, dst.stages)
+            for s, d in zip(s_stage, d_stage)]
+  keys = iter(jax.random.split(jax.random.key(seed), 3 * len(blocks) + len(dst.merges)))
+  _copy(dst.patch_embed.kernel, src.patch_embed.kernel)
+  _copy(dst.patch_embed.bias, src.patch_embed.bias)
+  _copy_norm(dst.patch_norm, src.patch_norm)
+  table_init = nnx.initializers.truncated_normal(stddev=0.02)
+  for s_block, d_block in blocks:
+    _copy_norm(d_block.norm1, s_block.norm1)
+    _copy_norm(d_block.norm2, s_block.norm2)
+    _copy_dense(d_block.mlp.fc1, s_block.mlp.fc1)
+    _copy_dense(d_block.mlp.fc2, s_block.mlp.fc2)
+    _init_attention(d_block.attn, s_block.attn, config.quant, next(keys), next(keys))
+    table = d_block.attn.relative_position_bias_table
+    table_key = next(keys)
+    if config.quant.position_table_init == "pretrained":
+      _copy(table, s_block.attn.relative_position_bias_table)
+    else:
+      _copy(table, table_init(table_key, table.shape, table.dtype))
+  for s_merge, d_merge in zip(src.merges, dst.merges):
+    _copy_norm(d_merge.norm, s_merge.norm)
+    _copy(d_merge.reduction.kernel, s_merge.reduction.kernel)
+    _, bias = torch_default_linear_init(next(keys), *d_merge.reduction.kernel.shape)
+    _copy(d_merge.reduction.bias, bias)
+  _copy_norm(dst.norm, src.norm)
+  _copy_dense(dst.head, src.head)
+  return dst

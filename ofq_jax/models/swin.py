@@ -23,6 +23,7 @@ fixed input size (SWIN.md 6.3).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -34,7 +35,7 @@ from flax import nnx
 
 from ofq_jax.errors import UserError
 from ofq_jax.models.attention import QKRAttention, StandardAttention
-from ofq_jax.models.config import ATTENTIONS, PRECISIONS, QK_BIASES, quant_defaults
+from ofq_jax.models.config import ATTENTIONS, ATTN_INITS, PRECISIONS, QK_BIASES, quant_defaults
 from ofq_jax.models.dtypes import cast_floating, param_dtype
 from ofq_jax.models.fences import residual_fence
 from ofq_jax.models.layers import Mlp, PatchEmbed, QDense
@@ -67,6 +68,9 @@ def model_config(size: str | None = None, **overrides: Any) -> ml_collections.Co
   config.drop_path = 0.0
   config.precision = "highest"
   config.quant = quant_defaults()
+  # Reference quirk (SWIN.md 5): quantization re-draws every relative-position table
+  # (trunc. normal, std 0.02); 'pretrained' copies the float model's.
+  config.quant.position_table_init = "random"
   if size is not None:
     if size not in PRESETS:
       raise UserError(f"Unknown Swin size {size!r}; use one of {sorted(PRESETS)} or None.")
@@ -110,6 +114,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise UserError(f"model.quant.weight_method={quant.weight_method!r}: Swin has no LSQ-weight "
                     "baseline (the reference refuses it); use 'statsq'.")
   choices = dict(attention=ATTENTIONS, qk_bias=QK_BIASES, matmul=integer.MATMULS,
+                 attn_proj_init=ATTN_INITS, attn_qkv_init=ATTN_INITS,
+                 position_table_init=ATTN_INITS,
                  matmul_operands=integer.OPERANDS,
                  matmul_backward=tuple(integer.BACKWARD_PRECISIONS))
   for field, allowed in choices.items():
@@ -229,6 +235,13 @@ def drop_path(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
   return jnp.where(keep, x / jnp.asarray(1.0 - rate, x.dtype), jnp.zeros_like(x))
 
 
+def _per_window_batch(spec: QuantSpec, windows: int) -> QuantSpec:
+  """``spec`` with ``grad_batch`` (images, ``quant.lsq_grad_batch``) counted in windows."""
+  if spec.grad_batch is None:
+    return spec
+  return dataclasses.replace(spec, grad_batch=spec.grad_batch * windows)
+
+
 class SwinBlock(nnx.Module):
   """``x + attn(LN(x))`` then ``x + mlp(LN(x))``, each branch with stochastic depth."""
 
@@ -237,7 +250,10 @@ class SwinBlock(nnx.Module):
                rngs: nnx.Rngs):
     norm = dict(epsilon=config.layer_norm_eps, use_fast_variance=False, rngs=rngs)
     self.norm1 = nnx.LayerNorm(dim, **norm)
-    common = dict(spec=rules(f"{prefix}.attn"), proj_spec=rules(f"{prefix}.attn.proj"),
+    # Attention quantizers see windows as the batch: B * nW rows per image batch.
+    windows = (-(-map_width // config.window_size)) ** 2
+    common = dict(spec=_per_window_batch(rules(f"{prefix}.attn"), windows),
+                  proj_spec=_per_window_batch(rules(f"{prefix}.attn.proj"), windows),
                   rngs=rngs, precision=config.precision)
     if config.quant.enabled and config.quant.attention == "qkr":
       self.attn = SwinQKRAttention(dim, heads, config.window_size, shift,

@@ -18,6 +18,14 @@ TINY_OVERRIDES = {
 """A 2-block DeiT on 32 px digits, 3 steps per stage, logging and saving every step."""
 
 
+SWIN_TINY_OVERRIDES = {
+    "model.embed_dim": 16, "model.depths": (2, 1), "model.num_heads": (1, 2),
+    "batch_size": 16, "eval_batch_size": 120, "num_train_steps": 3, "log_every_steps": 1,
+    "checkpoint_every_steps": 1, "tensorboard": False, "plots": True,
+}
+"""``configs/digits.py:arch=swin`` shrunk: 16 channels, 2 + 1 blocks, 3 steps per stage."""
+
+
 def set_fields(config, values: dict):
   """Assigns ``{"a.b.c": value}`` into a nested ConfigDict; returns it."""
   for key, value in values.items():

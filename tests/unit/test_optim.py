@@ -125,6 +125,21 @@ def test_stage_losses_over_logits():
     losses.stage_loss(distill=True, num_classes=5, teacher_logits="clss")
 
 
+def test_single_head_kd_is_soft_plus_hard_ce_on_the_same_logits():
+  """A one-head model (Swin) returns bare logits: KD is soft CE to the teacher + hard CE,
+  T = 1, equal weights, both on those logits (SWIN.md 8.3); the float stage is plain CE."""
+  rng = np.random.default_rng(3)
+  logits, teacher = (jnp.asarray(rng.normal(size=(3, 5)), jnp.float32) for _ in range(2))
+  batch = {"label": jnp.asarray([1, 2, 0])}
+  kd = losses.stage_loss(distill=True, num_classes=5)
+  expected = (losses.soft_cross_entropy(logits, teacher) +
+              losses.classification_loss(logits, batch["label"], num_classes=5))
+  assert float(kd(logits, batch, teacher)) == pytest.approx(float(expected), rel=1e-6)
+  plain = losses.stage_loss(distill=False, num_classes=5)(logits, batch)
+  assert float(plain) == pytest.approx(
+      float(losses.classification_loss(logits, batch["label"], num_classes=5)), rel=1e-6)
+
+
 def test_cga_freezes_bit_exactly_while_trainable_weights_move():
   """5 AdamW steps with weight decay and a non-zero first moment: frozen entries of the
   target are bit-identical, trainable ones (near a threshold) and non-targets move; the

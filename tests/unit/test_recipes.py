@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from ofq_jax import optim, recipes
+from ofq_jax import cga, optim, recipes
 from ofq_jax.config_args import parse_arg
 from support.runs import imagenet_config, load_config_file
 
@@ -23,6 +23,10 @@ SPEC_5_2 = {
     ("small", 2): (560, 140, 5.47e-4, 0.05, 5, 0.0, 0.0, 0.0, 0, 75.72),
     ("small", 3): (800, 100, 3.2e-4, 0.0, 0, 0.8, 1.0, 0.1, 3, 79.57),
     ("small", 4): (800, 100, 3.2e-4, 0.0, 0, 0.8, 1.0, 0.1, 3, 81.10),
+    # Swin-T, SWIN.md 8.5 (train_scripts/swin_t/*.sh): 8 x 64, no repeated augmentation.
+    ("swin_t", 2): (512, 64, 5e-4, 0.05, 5, 0.0, 0.0, 0.0, 0, 78.52),
+    ("swin_t", 3): (512, 64, 2e-4, 0.0, 0, 0.8, 1.0, 0.1, 0, 81.09),
+    ("swin_t", 4): (512, 64, 2e-4, 0.0, 0, 0.8, 1.0, 0.1, 0, 81.88),
 }
 
 
@@ -32,8 +36,15 @@ def test_recipe_matches_spec_table(model, bits):
       SPEC_5_2[model, bits]
   config = imagenet_config(model, bits)
   assert config.stages == ("qat",)
-  assert config.model.embed_dim == {"tiny": 192, "small": 384}[model]
-  assert config.model.distilled and config.model.num_classes == 1000
+  assert config.model.embed_dim == {"tiny": 192, "small": 384, "swin_t": 96}[model]
+  assert config.model.num_classes == 1000
+  if model == "swin_t":  # torchvision's swin_t, drop path 0, CGA on fc1/fc2/v/proj/reductions
+    assert (config.model.arch, config.model.depths, config.model.drop_path) == (
+        "swin", (2, 2, 6, 2), 0.0)
+    assert config.model.quant.position_table_init == "random"
+    assert config.cga.targets == cga.SWIN_QKR_TARGETS
+  else:
+    assert config.model.distilled and config.cga.targets == cga.DEFAULT_TARGETS
   quant = config.model.quant
   assert (quant.weight_bits, quant.act_bits, quant.weight_method, quant.attention) == (
       bits, bits, "statsq", "qkr")
@@ -59,7 +70,7 @@ def _docstring_rows() -> dict[tuple[str, int], tuple]:
   """The table of configs/imagenet.py's docstring, one tuple per row."""
   rows = {}
   for line in load_config_file("imagenet").__doc__.splitlines():
-    m = re.fullmatch(r"\s+(tiny|small)\s+(\d)\s+([\d.]+)\s+(\d) x (\d+)\s+([\de.-]+)\s+([\d.]+)"
+    m = re.fullmatch(r"\s+(tiny|small|swin_t)\s+(\d)\s+([\d.]+)\s+(\d) x (\d+)\s+([\de.-]+)\s+([\d.]+)"
                      r"\s+(\d)\s+(off|([\d.]+) / ([\d.]+) \(([\d.]+)\))\s+(-|x(\d))", line)
     if m:
       g = m.groups()
@@ -93,7 +104,7 @@ def test_recipe_schedule_resolves(model, bits):
   """Iterations per epoch as the reference (spec 5.2) and the LR curve's landmarks."""
   config = imagenet_config(model, bits)
   steps_per_epoch = IMAGENET_TRAIN // config.batch_size
-  assert steps_per_epoch == (2287 if config.batch_size == 560 else 1601)
+  assert steps_per_epoch == {560: 2287, 800: 1601, 512: 2502}[config.batch_size]
   schedule = optim.epoch_schedule(steps_per_epoch, base_lr=config.qat.lr,
                                   epochs=config.qat.epochs,
                                   warmup_epochs=config.qat.warmup_epochs,
@@ -108,7 +119,7 @@ def test_recipe_schedule_resolves(model, bits):
                     "(known: model, bits, stage)"),
     ("bits=five", "configs/imagenet.py: bits='five' is not an int (known: model, bits, stage)"),
     ("bits=5", "configs/imagenet.py: bits='5' is not one of 2, 3, 4"),
-    ("model=base", "configs/imagenet.py: model='base' is not one of tiny, small"),
+    ("model=base", "configs/imagenet.py: model='base' is not one of tiny, small, swin_t"),
     ("size=tiny", "configs/imagenet.py: unknown argument 'size' (known: model, bits, stage)"),
     ("tiny", "configs/imagenet.py: argument 'tiny' is not key=value"),
 ])

@@ -81,3 +81,29 @@ def test_config_errors_name_the_field():
   with pytest.raises(KeyError, match="depth"):
     swin.model_config("tiny", depth=3)
   assert swin.model_config("tiny").depths == (2, 2, 6, 2)
+
+
+def test_quantize_from_float_copies_and_redraws_as_the_reference(fixture):
+  """Against ``precalib/`` (the reference's quantized Swin built from ``fp/``, SWIN.md 5):
+  copied entries equal; attn.proj (and qkv in the statsq variant) re-drawn within torch's
+  U(+-1/sqrt(in)), position tables re-drawn near N(0, 0.02^2), a random reduction bias."""
+  config = fixture.config()
+  quantized = interop.quantize_from_float(
+      interop.load_torchvision_swin(fixture.group("fp"), config), config, seed=3)
+  ours = interop.export_ofq_torch(quantized)
+  ref = fixture.group("precalib")
+  assert set(ref) == {k for k in ours if not k.endswith(".s")}
+  redrawn = (".attn.proj.weight", ".attn.proj.bias", ".relative_position_bias_table",
+             ".reduction.bias") + ((".attn.qkv.weight", ".attn.qkv.bias")
+                                   if fixture.meta["variant"] != "qkr" else ())
+  for key, value in ref.items():
+    if key.endswith(redrawn):
+      assert not np.array_equal(ours[key], value), key
+      if key.endswith("relative_position_bias_table"):
+        assert np.max(np.abs(ours[key])) < 0.2, key
+      else:
+        fan_in = ours[key.replace(".bias", ".weight")].shape[-1] if key.endswith(".bias") \
+            else value.shape[-1]
+        assert np.max(np.abs(ours[key])) <= 1 / np.sqrt(fan_in) + 1e-7, key
+    else:
+      np.testing.assert_array_equal(ours[key], value, err_msg=key)
