@@ -102,6 +102,17 @@ def _load_into(model: nnx.Module, state: Mapping[str, np.ndarray], *,
   nnx.update(model, nnx.from_flat_state(flat))
 
 
+def take_position_indices(state: dict[str, Any], model: nnx.Module, source: str) -> None:
+  """Removes a Swin state dict's position-index buffers after checking each against the
+  model's window (``swin_buffers``); raises ``CheckpointMismatchError`` listing the bad."""
+  problems = pop_position_indices(state, model)
+  if problems:
+    raise CheckpointMismatchError(
+        f"{source} does not fit the Swin built from this config ({len(problems)} "
+        "problem(s)):\n" + "\n".join(problems) +
+        "\nCheck window_size and depths against the checkpoint.")
+
+
 def _describe(state_or_path: Any) -> str:
   if isinstance(state_or_path, (str, os.PathLike)):
     return f"Checkpoint {os.fspath(state_or_path)!r}"
@@ -155,12 +166,7 @@ def load_ofq_torch(state_or_path: Mapping[str, Any] | str | os.PathLike[str],
   model = create_any_model(config, dtype=dtype)
   family = reference_family(model)
   if family == "swin_ofq":
-    problems = pop_position_indices(state, model)
-    if problems:
-      raise CheckpointMismatchError(
-          f"{_describe(state_or_path)} does not fit the Swin built from this config "
-          f"({len(problems)} problem(s)):\n" + "\n".join(problems) +
-          "\nCheck window_size and depths against the checkpoint.")
+    take_position_indices(state, model, _describe(state_or_path))
   may_be_missing = (lambda key: False) if calibrated else (lambda key: key.endswith(".s"))
   _load_into(model, state, buffers=reference_buffers(model), may_be_missing=may_be_missing,
              source=_describe(state_or_path), dtype=dtype, family=family)

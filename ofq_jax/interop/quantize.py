@@ -11,7 +11,7 @@ from flax import nnx
 
 from ofq_jax.models.attention import QKRAttention, StandardAttention
 from ofq_jax.models import swin
-from ofq_jax.models.deit import DeiT, create_model
+from ofq_jax.models.deit import create_model
 from ofq_jax.models.swin import SwinTransformer
 from ofq_jax.models.dtypes import state_dtype
 from ofq_jax.models.layers import torch_default_linear_init

@@ -16,12 +16,12 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from ofq_jax.interop.checkpoints import CheckpointMismatchError, _describe, _load_into
+from ofq_jax.interop.checkpoints import _describe, _load_into, take_position_indices
 from ofq_jax.interop.files import read_state_dict
 from ofq_jax.interop.names import state_to_torch
 from ofq_jax.models.config import float_config
 from ofq_jax.models.dtypes import param_dtype
-from ofq_jax.interop.swin_buffers import INDEX_SUFFIX, pop_position_indices, position_indices
+from ofq_jax.interop.swin_buffers import INDEX_SUFFIX, position_indices
 from ofq_jax.models.swin import SwinTransformer, create_model
 
 
@@ -37,12 +37,7 @@ def load_torchvision_swin(state_or_path: Mapping[str, Any] | str | os.PathLike[s
   state = dict(read_state_dict(state_or_path))
   dtype = param_dtype(dtype, [v for k, v in state.items() if not k.endswith(INDEX_SUFFIX)])
   model = create_model(float_config(config), dtype=dtype)
-  problems = pop_position_indices(state, model)
-  if problems:
-    raise CheckpointMismatchError(
-        f"{_describe(state_or_path)} does not fit the Swin built from this config "
-        f"({len(problems)} problem(s)):\n" + "\n".join(problems) +
-        "\nCheck window_size and depths against the checkpoint.")
+  take_position_indices(state, model, _describe(state_or_path))
   _load_into(model, state, buffers={}, may_be_missing=lambda key: False,
              source=_describe(state_or_path), dtype=dtype, family="swin")
   return model

@@ -78,10 +78,20 @@ def model_config(size: str | None = "tiny", **overrides: Any) -> ml_collections.
   # Matmul precision; 'highest' keeps float32 (TF32 can flip 2-bit roundings, spec 7.10).
   config.precision = "highest"
   config.quant = quant_defaults()
+  return apply_preset(config, PRESETS, size, "DeiT", overrides)
+
+
+def apply_preset(config: ml_collections.ConfigDict, presets: dict[str, dict[str, Any]],
+                 size: str | None, family: str, overrides: dict[str, Any]
+                 ) -> ml_collections.ConfigDict:
+  """``config`` with ``presets[size]`` and ``overrides`` applied (``quant`` merged into
+  the defaults); an unknown size, field or quant field is an error naming the known ones."""
+  config.size = size
   if size is not None:
-    if size not in PRESETS:
-      raise UserError(f"Unknown DeiT size {size!r}; use one of {sorted(PRESETS)} or None.")
-    config.update(PRESETS[size])
+    if size not in presets:
+      raise UserError(f"Unknown {family} size {size!r}; use one of {sorted(presets)} or None.")
+    config.update(presets[size])
+  overrides = dict(overrides)
   quant_overrides = overrides.pop("quant", None)
   for key in overrides:
     if key not in config:
@@ -95,6 +105,15 @@ def model_config(size: str | None = "tiny", **overrides: Any) -> ml_collections.
                        f"{sorted(config.quant.keys())}.")
     config.quant.update(dict(quant_overrides))
   return config
+
+
+def check_images(images: Any, config: ml_collections.ConfigDict, family: str) -> None:
+  """NHWC images of the config's size, or a ValueError saying how to get them."""
+  expected = (config.img_size, config.img_size, config.in_chans)
+  if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+    raise ValueError(f"{family} expects NHWC images of shape (B, {expected[0]}, {expected[1]}, "
+                     f"{expected[2]}), got {tuple(images.shape)}. Transpose NCHW inputs "
+                     "with images.transpose(0, 2, 3, 1) or set img_size.")
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:

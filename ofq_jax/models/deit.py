@@ -14,14 +14,13 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from flax import nnx
 
 from ofq_jax.models.attention import QKRAttention, StandardAttention
-from ofq_jax.models.dtypes import cast_floating, param_dtype
+from ofq_jax.models.dtypes import build
 from ofq_jax.models.fences import residual_fence
 from ofq_jax.models.layers import Mlp, PatchEmbed, QDense
-from ofq_jax.models.config import model_config, validate_config  # noqa: F401
+from ofq_jax.models.config import check_images, model_config, validate_config  # noqa: F401
 from ofq_jax.quant.rules import QuantRules
 
 def num_tokens(config: ml_collections.ConfigDict) -> int:
@@ -92,7 +91,7 @@ class DeiT(nnx.Module):
 
   def features(self, images: jax.Array) -> jax.Array:
     """Final-normed tokens ``(B, N, D)``."""
-    _check_images(images, self.config)
+    check_images(images, self.config, "DeiT")
     x = self.patch_embed(images)
     batch = x.shape[0]
     prefix = [jnp.broadcast_to(self.cls_token[...], (batch, 1, x.shape[-1]))]
@@ -115,14 +114,6 @@ class DeiT(nnx.Module):
     return (logits + dist_logits) / 2
 
 
-def _check_images(images: jax.Array, config: ml_collections.ConfigDict) -> None:
-  expected = (config.img_size, config.img_size, config.in_chans)
-  if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-    raise ValueError(f"DeiT expects NHWC images of shape (B, {expected[0]}, {expected[1]}, "
-                     f"{expected[2]}), got {tuple(images.shape)}. Transpose NCHW inputs "
-                     "with images.transpose(0, 2, 3, 1) or set img_size.")
-
-
 def create_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs | int = 0, *,
                  dtype: Any = None) -> DeiT:
   """Builds the (float or quantized) DeiT described by ``config``.
@@ -130,9 +121,4 @@ def create_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs | int = 0, *,
   ``dtype``: the state's floating dtype (float32 by default; float64 needs
   ``jax_enable_x64``, see ``ofq_jax.models.dtypes``).
   """
-  if isinstance(rngs, int):
-    rngs = nnx.Rngs(rngs)
-  model = DeiT(config, rngs)
-  if param_dtype(dtype) != np.float32:
-    cast_floating(model, dtype)
-  return model
+  return build(DeiT, config, rngs, dtype)

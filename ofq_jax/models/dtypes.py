@@ -61,3 +61,12 @@ def cast_floating(model: nnx.Module, dtype: Any) -> nnx.Module:
 
   nnx.update(model, jax.tree.map(cast, state))
   return model
+
+
+def build(module_class: type, config: Any, rngs: Any, dtype: Any = None) -> nnx.Module:
+  """``module_class(config, rngs)`` (``rngs`` an ``nnx.Rngs`` or a seed) with its state in
+  ``dtype`` (float32 unless asked; float64 needs ``jax_enable_x64``)."""
+  model = module_class(config, nnx.Rngs(rngs) if isinstance(rngs, int) else rngs)
+  if param_dtype(dtype) != np.float32:
+    cast_floating(model, dtype)
+  return model

@@ -35,8 +35,9 @@ from flax import nnx
 
 from ofq_jax.errors import UserError
 from ofq_jax.models.attention import QKRAttention, StandardAttention
-from ofq_jax.models.config import ATTENTIONS, ATTN_INITS, PRECISIONS, QK_BIASES, quant_defaults
-from ofq_jax.models.dtypes import cast_floating, param_dtype
+from ofq_jax.models.config import (ATTENTIONS, ATTN_INITS, PRECISIONS, QK_BIASES,
+                                   apply_preset, check_images, quant_defaults)
+from ofq_jax.models.dtypes import build
 from ofq_jax.models.fences import residual_fence
 from ofq_jax.models.layers import Mlp, PatchEmbed, QDense
 from ofq_jax.quant import integer
@@ -71,20 +72,9 @@ def model_config(size: str | None = None, **overrides: Any) -> ml_collections.Co
   # Reference quirk (SWIN.md 5): quantization re-draws every relative-position table
   # (trunc. normal, std 0.02); 'pretrained' copies the float model's.
   config.quant.position_table_init = "random"
-  if size is not None:
-    if size not in PRESETS:
-      raise UserError(f"Unknown Swin size {size!r}; use one of {sorted(PRESETS)} or None.")
-    config.update(PRESETS[size])
-  quant_overrides = overrides.pop("quant", None)
-  for key in overrides:
-    if key not in config:
-      raise KeyError(f"swin.model_config got unknown field {key!r}; known fields: "
-                     f"{sorted(config.keys())}.")
-  config.update(overrides)
+  config = apply_preset(config, PRESETS, size, "Swin", overrides)
   config.depths = tuple(config.depths)
   config.num_heads = tuple(config.num_heads)
-  if quant_overrides:
-    config.quant.update(dict(quant_overrides))
   return config
 
 
@@ -339,7 +329,7 @@ class SwinTransformer(nnx.Module):
 
   def features(self, images: jax.Array, key: jax.Array | None = None) -> jax.Array:
     """Pooled final features ``(B, C_last)``."""
-    _check_images(images, self.config)
+    check_images(images, self.config, "Swin")
     side = self.config.img_size // self.config.patch_size
     x = self.patch_embed(images)
     x = self.patch_norm(jnp.reshape(x, (x.shape[0], side, side, x.shape[-1])))
@@ -357,20 +347,7 @@ class SwinTransformer(nnx.Module):
     return self.head(self.features(images, key if train else None))
 
 
-def _check_images(images: jax.Array, config: ml_collections.ConfigDict) -> None:
-  expected = (config.img_size, config.img_size, config.in_chans)
-  if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-    raise ValueError(f"Swin expects NHWC images of shape (B, {expected[0]}, {expected[1]}, "
-                     f"{expected[2]}), got {tuple(images.shape)}. Transpose NCHW inputs "
-                     "with images.transpose(0, 2, 3, 1) or set img_size.")
-
-
 def create_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs | int = 0, *,
                  dtype: Any = None) -> SwinTransformer:
   """Builds the (float or quantized) Swin described by ``config``; ``dtype`` as DeiT's."""
-  if isinstance(rngs, int):
-    rngs = nnx.Rngs(rngs)
-  model = SwinTransformer(config, rngs)
-  if param_dtype(dtype) != np.float32:
-    cast_floating(model, dtype)
-  return model
+  return build(SwinTransformer, config, rngs, dtype)

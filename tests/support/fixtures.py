@@ -5,7 +5,9 @@ import json
 import os
 import pathlib
 
+import jax
 import numpy as np
+import pytest
 
 from support import REPO
 
@@ -117,3 +119,13 @@ def max_rel_diff(actual, expected) -> float:
   assert actual.shape == expected.shape, (actual.shape, expected.shape)
   scale = max(float(np.max(np.abs(expected))), 1e-30)
   return float(np.max(np.abs(actual - expected))) / scale
+
+
+@pytest.fixture(autouse=True, scope="module")
+def x64_for_this_module():
+  """Float64 for the importing test module only (the float64 parity tiers): x64 on, and
+  JAX's caches cleared on both sides so that nothing compiled in one mode leaks."""
+  jax.clear_caches()
+  with jax.enable_x64(True):
+    yield
+  jax.clear_caches()

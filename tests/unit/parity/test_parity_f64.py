@@ -27,6 +27,7 @@ from ofq_jax.models import calibrate
 from ofq_jax.quant import integer
 from ofq_jax.quant import (cga_frozen_mask, lsq_initial_step, lsq_quantize, lsq_range,
                            statsq_quantize)
+from support.fixtures import x64_for_this_module  # noqa: F401  (autouse)
 from support.fixtures import DEIT_FIXTURES, DeitFixture, array_group, check_parity
 from support.parity_cases import cga_cases, lsq_cases, statsq_bits
 
@@ -37,14 +38,6 @@ F64 = np.float64
 # A bias added to every key of a query row shifts that softmax row by a constant: the
 # true gradient is exactly zero and both sides hold rounding noise.
 ZERO_GRADIENT_SUFFIXES = ("attn.move_k_aft.bias", "attn.move_qkx_aft.bias")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def x64():
-  jax.clear_caches()
-  with jax.enable_x64(True):
-    yield
-  jax.clear_caches()
 
 
 def _abs_diff(actual, expected) -> float:

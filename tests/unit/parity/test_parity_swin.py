@@ -22,6 +22,7 @@ from ofq_jax.interop.names import state_to_torch
 from ofq_jax.models import calibrate, quantizers
 from ofq_jax.models.rounded import cga_targets
 from ofq_jax.quant import cga_frozen_mask, integer
+from support.fixtures import x64_for_this_module  # noqa: F401  (autouse)
 from support.fixtures import SWIN_FIXTURES, SwinFixture, array_group, check_parity
 
 pytestmark = pytest.mark.x64
@@ -38,14 +39,6 @@ def fixture(request) -> SwinFixture:
   if request.param not in _CACHE:
     _CACHE[request.param] = SwinFixture(request.param)
   return _CACHE[request.param]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def x64():
-  jax.clear_caches()
-  with jax.enable_x64(True):
-    yield
-  jax.clear_caches()
 
 
 def _quantized(fixture, matmul="fake", dtype=F64):
