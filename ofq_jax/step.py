@@ -24,7 +24,8 @@ from jax.sharding import Mesh
 
 from ofq_jax import cga, sharding
 from ofq_jax.models.quantizers import QuantBuffer
-from ofq_jax.models.tracker import OscillationTracker, create_tracker, weight_scales
+from ofq_jax.models.tracker import (LegacyTracker, OscillationTracker, create_tracker,
+                                    weight_scales)
 
 State = dict[str, Any]
 
@@ -104,6 +105,41 @@ def tracker_start_fn(spec: StateSpec) -> Callable[[Any, Any], Any]:
   return jax.jit(start, out_shardings=spec.shardings["tracker"])
 
 
+def tracker_older_layouts(spec: StateSpec, abstract: State | None = None) -> tuple:
+  """Checkpoints whose tracker has the layout before the fixed grid and the per-module
+  groups (``tracker.LegacyTracker``): read them, keep the weights, the optimizer and
+  the integer-level oscillation history, start the new tracker fields at that step.
+  ``abstract``: the restore target when it is not ``spec.abstract`` (CGA reads the QAT
+  optimizer state)."""
+  abstract = spec.abstract if abstract is None else abstract
+  if spec.tracker is None or "tracker" not in abstract:
+    return ()
+  legacy = nnx.eval_shape(lambda: LegacyTracker(spec.tracker))
+  legacy_graphdef, legacy_shapes = nnx.split(legacy)
+  # Read replicated once; the upgrade lays it out like the current tracker.
+  legacy_shardings = jax.tree.map(lambda _: sharding.replicated(spec.mesh), legacy_shapes)
+  abstract = dict(abstract, tracker=sharding.abstract(legacy_shapes, legacy_shardings))
+  start = tracker_start_fn(spec)
+
+  def carry_history(fresh, old):
+    tracker = nnx.merge(spec.tracker_graphdef, fresh)
+    nnx.merge(legacy_graphdef, old).upgrade(tracker)
+    return nnx.state(tracker)
+  carry = jax.jit(carry_history, out_shardings=spec.shardings["tracker"])
+
+  def upgrade(state: State) -> State:
+    _log_upgrade()
+    fresh = start(state["params"], state["buffers"])
+    return dict(state, tracker=carry(fresh, state["tracker"]))
+  return ((abstract, upgrade),)
+
+
+def _log_upgrade() -> None:
+  if jax.process_index() == 0:
+    print("[tracking] checkpoint from before the fixed-grid tracker: oscillation history "
+          "kept, fixed-grid and per-part counts start now", flush=True)
+
+
 def make_train_step(spec: StateSpec, loss: Callable[..., jax.Array],
                     tx: optax.GradientTransformation, schedule: optax.Schedule, *,
                     teacher: Teacher | None = None):
@@ -178,10 +214,18 @@ def make_tracking_metrics_fn(spec: StateSpec):
 
 
 def make_scales_fn(spec: StateSpec):
-  """Jitted ``state -> {weight: per-channel scale}`` for the scale trajectories."""
-  jitted = jax.jit(lambda p, b: weight_scales(nnx.merge(spec.graphdef, p, b)),
-                   out_shardings=sharding.replicated(spec.mesh))
-  return lambda state: jitted(state["params"], state["buffers"])
+  """Jitted ``state -> {"scales/<weight>": per-channel scale}`` for the scale
+  trajectories, with ``"osc_channels/<weight>"`` (oscillating weights per channel) when
+  the state tracks oscillation: the plots pick the most oscillating channels by it."""
+  def vectors(params, buffers, tracker_state):
+    out = {f"scales/{k}": v for k, v in
+           weight_scales(nnx.merge(spec.graphdef, params, buffers)).items()}
+    if tracker_state is not None:
+      tracker = nnx.merge(spec.tracker_graphdef, tracker_state)
+      out.update({f"osc_channels/{k}": v for k, v in tracker.channel_oscillating().items()})
+    return out
+  jitted = jax.jit(vectors, out_shardings=sharding.replicated(spec.mesh))
+  return lambda state: jitted(state["params"], state["buffers"], state.get("tracker"))
 
 
 def make_eval_step(graphdef: nnx.GraphDef):

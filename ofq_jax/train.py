@@ -109,7 +109,7 @@ class _StageLog:
     self.last_time, self.last_step = time.time(), step
 
   def write_scales(self, step: int, state: step_lib.State) -> None:
-    self.writer.write_vectors(step, {f"scales/{k}": v for k, v in self.scales(state).items()})
+    self.writer.write_vectors(step, self.scales(state))
 
   def eval(self, step: int, state: step_lib.State) -> dict[str, float]:
     if self.eval_step is None:
@@ -170,7 +170,8 @@ def run_stage(plan: stages.StagePlan, run: stages.Run, stop: preemption.StopSign
 def _resume(plan: stages.StagePlan, spec: step_lib.StateSpec, ckpt: Checkpointer
             ) -> tuple[int, step_lib.State | None, dict[str, Any]]:
   """``(step, state, meta)`` of the newest readable checkpoint, or ``(0, None, {})``."""
-  resumed = (ckpt.restore(spec.abstract, older_layouts=plan.older_layouts(spec))
+  older = plan.older_layouts(spec) + step_lib.tracker_older_layouts(spec)
+  resumed = (ckpt.restore(spec.abstract, older_layouts=older)
              if ckpt.steps() else None)
   if resumed is None:
     return 0, None, {}

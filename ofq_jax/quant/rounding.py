@@ -14,7 +14,8 @@ import jax.numpy as jnp
 
 from ofq_jax.quant.lsq import floored_step, lsq_levels, lsq_quantize, lsq_range
 from ofq_jax.quant.shapes import keep_axes_shape, reduce_axes_for
-from ofq_jax.quant.statsq import statsq_levels, statsq_quantize, statsq_scale
+from ofq_jax.quant.statsq import (statsq_levels, statsq_pre_round_at, statsq_quantize,
+                                  statsq_scale)
 
 METHODS = ("statsq", "lsq")
 
@@ -58,6 +59,16 @@ class Rounding:
       return statsq_levels(x, self.bits, self.reduce_axes)
     qn, qp = lsq_range(self.bits, self.signed)
     return lsq_levels(x, self._step(x, step), qn, qp)
+
+  def levels_on_grid(self, x: jax.Array, scale: jax.Array) -> jax.Array:
+    """The integer level of every entry on the grid of ``scale`` (a ``scale()`` vector,
+    e.g. a snapshot): ``levels`` with the scale held fixed. ``levels_on_grid(x,
+    scale(x, step))`` equals ``levels(x, step)``."""
+    s = jnp.reshape(scale, keep_axes_shape(x.shape, self.keep_axes(x.ndim))).astype(x.dtype)
+    if self.method == "statsq":
+      return jnp.round(statsq_pre_round_at(x, s, self.bits))
+    qn, qp = lsq_range(self.bits, self.signed)
+    return lsq_levels(x, s, qn, qp)
 
   @property
   def level_range(self) -> tuple[int, int]:

@@ -39,10 +39,16 @@ def statsq_pre_round(w: jax.Array, bits: int, reduce_axes: tuple[int, ...] = (0,
   thresholds sit at half-integers of ``t``. CGA and the oscillation tracker
   work on ``t`` and ``k``.
   """
-  n = float(2 ** (check_bits(bits, what="StatsQ weight") - 1))
   scale = statsq_scale(w, reduce_axes)
+  return statsq_pre_round_at(w, scale, bits), scale
+
+
+def statsq_pre_round_at(w: jax.Array, scale: jax.Array, bits: int) -> jax.Array:
+  """``t = clip(w / scale) * n - 0.5`` for a given (broadcastable) ``scale``: StatsQ's
+  own with ``2 mean|w|``, or a frozen one (the fixed-grid oscillation tracker)."""
+  n = float(2 ** (check_bits(bits, what="StatsQ weight") - 1))
   clipped = jnp.clip(w / scale, -1.0, CLIP_UPPER)
-  return clipped * n - 0.5, scale
+  return clipped * n - 0.5
 
 
 def statsq_levels(w: jax.Array, bits: int, reduce_axes: tuple[int, ...] = (0,)) -> jax.Array:

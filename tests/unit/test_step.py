@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
@@ -11,7 +12,8 @@ from jax.sharding import PartitionSpec as P
 from ofq_jax import cga, losses, sharding, step
 from ofq_jax.models import calibrate, create_model, model_config
 from ofq_jax.models.rounded import cga_targets
-from ofq_jax.models.tracker import tracking_config
+from ofq_jax.checkpointing import Checkpointer
+from ofq_jax.models.tracker import LegacyTracker, tracking_config
 
 
 def tiny_model():
@@ -65,3 +67,36 @@ def test_train_step_reports_the_cga_fractions_of_the_pre_step_weights():
   name = "blocks.0.mlp.fc1.kernel"
   assert float(metrics[f"cga/frozen/{name}"]) == pytest.approx(float(expected[name]))
   assert int(state["step"]) == 1 and np.isfinite(float(metrics["train/loss"]))
+
+
+def test_a_checkpoint_with_the_older_tracker_layout_resumes_with_its_history(tmp_path):
+  """A checkpoint whose tracker has the layout before the fixed grid (per tensor:
+  levels, directions, EMA, a scalar flip count) restores through the older layout:
+  weights and the integer-level history come back as saved, the new fields start
+  afresh, and everything lands on the current shardings."""
+  model = tiny_model()
+  tx = optax.adamw(1e-3)
+  spec = step.create_train_state(model, tx, sharding.make_mesh(4, 2),
+                                 tracking=tracking_config(), min_size=512)
+  state = step.initial_state(model, tx, spec)
+  legacy = LegacyTracker(nnx.merge(spec.tracker_graphdef, state["tracker"]))
+  rng = np.random.default_rng(0)
+  for t in legacy.trackers:
+    t.ema.set_value(jnp.asarray(rng.uniform(size=t.ema.shape), jnp.float32))
+    t.prev_direction.set_value(jnp.asarray(rng.integers(-1, 2, t.ema.shape), jnp.int8))
+  old_state = dict(state, tracker=nnx.state(legacy))
+  with Checkpointer(str(tmp_path / "ckpt"), async_save=False) as ckpt:
+    ckpt.save(7, old_state, {"step": 7})
+    with pytest.raises(Exception):  # the current layout alone cannot read it
+      ckpt.manager.restore(7, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(spec.abstract)))
+    restored_step, restored, _ = ckpt.restore(
+        spec.abstract, older_layouts=step.tracker_older_layouts(spec))
+  assert restored_step == 7
+  tracker = nnx.merge(spec.tracker_graphdef, restored["tracker"])
+  for old, new in zip(legacy.trackers, tracker.trackers):
+    np.testing.assert_array_equal(new.ema[...], old.ema[...])
+    np.testing.assert_array_equal(new.prev_direction[...], old.prev_direction[...])
+  assert len(tracker.trackers) > len(legacy.trackers)  # QKR's implied factors, fresh
+  for value, abstract in zip(jax.tree.leaves(restored), jax.tree.leaves(spec.abstract)):
+    assert value.shape == abstract.shape and value.sharding == abstract.sharding

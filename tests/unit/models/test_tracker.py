@@ -122,3 +122,110 @@ def test_bad_tracking_settings_are_rejected():
     OscillationTracker(tiny(), every_steps=0)
   with pytest.raises(ValueError, match="momentum=1.5"):
     OscillationTracker(tiny(), momentum=1.5)
+
+
+def negate_entry(variable, index):
+  """Flips one weight's sign: its channel's StatsQ scale ``2 mean|w|`` is unchanged and
+  its level goes from ``k`` to ``-k - 1`` (the grid is symmetric), so exactly that
+  weight flips, under both definitions."""
+  values = np.array(variable[...])
+  values[index] = -values[index]
+  variable[...] = jnp.asarray(values)
+
+
+def metrics_after_update(tracker, model):
+  tracker.update(model)
+  return tracker.named_metrics(jax.device_get(tracker.layer_metrics(model)))
+
+
+def test_fused_qkv_is_reported_as_q_k_and_v_parts_and_groups():
+  """One q weight of block 0's fused qkv kernel flips up and back: the flips land in the
+  ``q`` part and the ``qk`` group only; the second flip reverses the first, so with
+  momentum 0.5 its EMA (0.5) passes the 0.3 threshold and its channel is counted."""
+  model = tiny("standard", "statsq")
+  tracker = OscillationTracker(model, momentum=0.5, threshold=0.3)
+  tracker.reset(model)
+  kernel = model.blocks[0].attn.qkv.kernel
+  column = 5  # of the q block (columns 0..63)
+  history = []
+  for _ in range(2):
+    negate_entry(kernel, (3, column))
+    history.append(metrics_after_update(tracker, model))
+  name = "blocks.0.attn.qkv.kernel"
+  for prefix in ("osc", "osc_grid"):
+    for h in history:
+      assert h[f"{prefix}/flips/{name}/q"] == 1, prefix
+      assert h[f"{prefix}/flips/{name}/k"] == h[f"{prefix}/flips/{name}/v"] == 0, prefix
+      assert h[f"{prefix}/flips/group/qk"] == h[f"{prefix}/flips"] == 1, prefix
+      assert h[f"{prefix}/flips/group/v"] == h[f"{prefix}/flips/group/fc1"] == 0, prefix
+    q_size = kernel.shape[0] * kernel.shape[1] // 3
+    assert history[-1][f"{prefix}/oscillating_fraction/{name}/q"] == pytest.approx(1 / q_size)
+  assert set(tracker_groups(history[-1])) == {"qk", "v", "proj", "fc1", "fc2", "patch_embed",
+                                              "head"}
+  channels = np.asarray(tracker.channel_oscillating()[name])
+  assert channels[column] == 1 and channels.sum() == 1
+
+
+def tracker_groups(metrics):
+  prefix = "osc/oscillating_fraction/group/"
+  return [k[len(prefix):] for k in metrics if k.startswith(prefix)]
+
+
+def test_qkr_product_per_head_and_the_implied_factors():
+  """QKR: the product is reported per head in group ``qk``; the factors W_q, W_k are
+  followed on StatsQ's grid in group ``qk_implied`` and kept out of every total."""
+  model = tiny()
+  tracker = OscillationTracker(model)
+  tracker.reset(model)
+  assert [w.name for w in tracker.implied] == [
+      f"blocks.{i}.attn.{f}_kernel" for i in range(2) for f in ("q", "k")]
+  negate_entry(model.blocks[1].attn.q_kernel, (0, 0))
+  metrics = metrics_after_update(tracker, model)
+  assert set(tracker_groups(metrics)) == {"qk", "qk_implied", "v", "proj", "fc1", "fc2",
+                                          "patch_embed", "head"}
+  assert metrics["osc/flips/blocks.1.attn.q_kernel"] == 1
+  assert metrics["osc/flips/group/qk_implied"] == 1
+  in_groups = sum(metrics[f"osc/flips/group/{g}"] for g in tracker_groups(metrics)
+                  if g != "qk_implied")
+  assert metrics["osc/flips"] == in_groups  # the implied flip is in no total
+  heads = [metrics[f"osc/flips/blocks.1.attn.qk_product/head{h}"] for h in range(2)]
+  assert sum(heads) == metrics["osc/flips/blocks.1.attn.qk_product"]
+  assert heads[1] == 0  # q_kernel column 0 belongs to head 0 only
+
+
+def test_a_scale_jump_flips_still_weights_only_under_the_integer_level():
+  """One fc1 weight jumps to 20x its channel's scale: ``2 mean|w|`` of that channel
+  grows, so the channel's other (still) weights change integer level; on the fixed
+  grid only the weight that moved can flip."""
+  model = tiny()
+  tracker = OscillationTracker(model)
+  tracker.reset(model)
+  kernel = model.blocks[0].mlp.fc1.kernel
+  values = np.array(kernel[...])
+  values[0, 0] = 20 * 2 * np.abs(values[:, 0]).mean()
+  kernel[...] = jnp.asarray(values)
+  metrics = metrics_after_update(tracker, model)
+  name = "blocks.0.mlp.fc1.kernel"
+  assert metrics[f"osc/flips/{name}"] >= 5
+  assert metrics[f"osc_grid/flips/{name}"] <= 1
+  assert metrics["osc_grid/flips"] <= 1
+
+
+def test_the_fixed_grid_refreshes_every_grid_every_steps():
+  """``grid_every_steps=4`` with ``every_steps=2``: the grid snapshot follows the scale
+  at every second update only."""
+  model = tiny()
+  tracker = OscillationTracker(model, every_steps=2, grid_every_steps=4)
+  tracker.reset(model)
+  fc1 = tracker.names.index("blocks.0.mlp.fc1.kernel")
+  kernel = model.blocks[0].mlp.fc1.kernel
+  snapshots = []
+  for _ in range(4):
+    kernel[...] = kernel[...] * 1.5
+    tracker.update(model)
+    snapshots.append(float(tracker.trackers[fc1].grid_scale[...][0]))
+  scale0 = float(weight_scale(model.blocks[0].mlp.fc1, tracker.weights[fc1])[0]) / 1.5 ** 4
+  np.testing.assert_allclose(snapshots, [scale0, scale0 * 1.5 ** 2, scale0 * 1.5 ** 2,
+                                         scale0 * 1.5 ** 4], rtol=1e-5)
+  with pytest.raises(ValueError, match="grid_every_steps=3"):
+    OscillationTracker(model, every_steps=2, grid_every_steps=3)
