@@ -29,6 +29,8 @@ Arguments: model=tiny|small|swin_t, bits=2|3|4, stage=qat|cga (default: tiny, 2,
 
 DeiT-S uses deit_small_distilled_patch16_224-649709d9.pth. Reference quirks are kept
 (ofq_jax/recipes.py names the flags that change them); the table is recipes.IMAGENET.
+--config.cga.include_qk=True also anneals QKR's W_q^T W_k in the CGA stage, which the
+reference never freezes (spec 4.4); the CGA model then holds W_qk itself.
 """
 
 from ofq_jax import recipes

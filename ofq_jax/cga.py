@@ -8,6 +8,17 @@ resumed first moment would otherwise still move them, spec 4.3). Masks are
 recomputed every step (progressive freezing); the state carries the frozen
 fractions of that computation, so the train step reports them without
 computing the masks a second time.
+
+Targets are parameters: the reference's are fc1, fc2, proj and v (``DEFAULT_TARGETS``,
+``SWIN_QKR_TARGETS``). QKR's ``W_qk = W_q^T W_k`` is never annealed there (spec 4.4,
+OFQ issue #6): it is derived from ``W_q``, ``W_k``, so no entry of it can be held while
+others train (each factor entry feeds a whole row or column of its head's product).
+``cga.include_qk=True`` (off by default: the reference) runs the CGA stage with QKR in
+its product form (``model.quant.qk_form='product'``: ``W_qk`` is the parameter
+``qk_kernel``, started at the QAT ``W_q^T W_k``) and adds every ``attn.qk_product``
+(``QK_TARGETS``) to the targets. Its mask uses the product's own StatsQ scale, one per
+(head, row) (``reduce_axes=(2,)``, carried by ``rounded.CGATarget``), with ``lo`` /
+``hi`` over the whole tensor, as for every target (spec 4.2).
 """
 
 from __future__ import annotations
@@ -29,6 +40,22 @@ SWIN_QKR_TARGETS = (r"stages\.\d+\.\d+\.(mlp\.fc1\.kernel|mlp\.fc2\.kernel|"
 """The reference's targets for a QKR Swin: fc1, fc2, proj, v and every patch-merging
 reduction (its module-name test, SWIN.md 8.2). For the ``statsq`` Swin that test selects
 nothing (it wants ``blocks`` in the name), so the reference's CGA freezes no weight."""
+QK_TARGETS = r"(.+\.)?attn\.qk_product"
+"""Every QKR product (DeiT and Swin), added to the targets by ``cga.include_qk``; it
+matches a parameter only in the product form (``rounded.cga_targets``)."""
+
+
+def stage_targets(cga_config: Any) -> str:
+  """The target pattern of a CGA stage: ``cga.targets``, plus ``QK_TARGETS`` when
+  ``cga.include_qk`` is on."""
+  if not include_qk(cga_config):
+    return cga_config.targets
+  return f"(?:{cga_config.targets})|(?:{QK_TARGETS})"
+
+
+def include_qk(cga_config: Any) -> bool:
+  """``cga.include_qk`` (configs written before it existed: off, the reference)."""
+  return bool(cga_config.get("include_qk", False))
 
 
 class CGAState(NamedTuple):
@@ -42,11 +69,12 @@ class LegacyCGAState(NamedTuple):
 
 
 def frozen_masks(params: Any, bits: Any, boundary_range: float) -> Any:
-  """Pytree of frozen masks: ``bits`` is a pytree of ints (0 = not a target)."""
+  """Pytree of frozen masks: ``bits`` is a pytree of ints (0 = not a target); a
+  ``CGATarget`` names its scale axes, a plain int is a Flax kernel's ``(0,)``."""
   def mask(p, b):
     if not b:
       return jnp.zeros(jnp.shape(p), bool)
-    return cga_frozen_mask(p, int(b), boundary_range)
+    return cga_frozen_mask(p, int(b), boundary_range, getattr(b, "reduce_axes", (0,)))
   return jax.tree.map(mask, params, bits)
 
 
@@ -56,8 +84,9 @@ def cga(inner: optax.GradientTransformation, bits: Any, boundary_range: float = 
 
   Args:
     inner: the optimizer (AdamW in the reference, at constant min LR).
-    bits: a pytree like the params holding each target's StatsQ bit-width and
-      0 for non-targets (``cga_bits`` builds it from regexes).
+    bits: a pytree like the params holding each target's StatsQ bit-width (an int
+      or a ``rounded.CGATarget``, which also names its scale axes) and 0 for
+      non-targets (``target_bits`` builds it from ``rounded.cga_targets``).
     boundary_range: BR, the half-width of the trainable band around each
       rounding threshold in units of the quantization step.
   """
@@ -109,6 +138,7 @@ def _fractions(frozen: Any, bits: Any) -> dict[str, jax.Array]:
 
 
 def target_bits(params: Any, bits_by_name: dict[str, int]) -> Any:
-  """The ``bits`` pytree of ``cga``: each param's bits by dotted path, 0 elsewhere."""
+  """The ``bits`` pytree of ``cga``: each param's bits by dotted path, 0 elsewhere (the
+  values as given: ``rounded.cga_targets``'s ``CGATarget`` keep their scale axes)."""
   return jax.tree.map_with_path(lambda p, _: bits_by_name.get(dotted(state_path(p)), 0),
                                 params)

@@ -3,7 +3,8 @@
   python -m ofq_jax.evaluate --config=configs/imagenet.py:model=tiny,bits=2 --checkpoint=PATH \\
       --config.data.data_dir=$TFDS_DATA_DIR
 
-``PATH`` may be an ofq_jax model directory (``workdir/models/<stage>``), a timm / FB
+``PATH`` may be an ofq_jax model directory (``workdir/models/<stage>``; QKR as ``W_q``,
+``W_k`` or, after CGA with ``cga.include_qk``, as ``W_qk``), a timm / FB
 DeiT file or a torchvision Swin file (float, by ``config.model.arch``) or a checkpoint of
 the OFQ reference (e.g. the released ``.pth.tar``, quantized as ``config.model.quant``
 says). Sharded like training: the
@@ -30,6 +31,7 @@ from ofq_jax.errors import MissingInputError, UserError, one_line
 from ofq_jax.interop import load_ofq_torch, read_state_dict
 from ofq_jax.interop.families import float_format, load_float
 from ofq_jax.models import create_model, float_config, quantized_config
+from ofq_jax.models.config import qk_form, quantized_configs
 from ofq_jax.models.quantizers import QuantBuffer
 from ofq_jax.step import evaluate
 
@@ -46,8 +48,9 @@ def load_for_eval(path: str, model_config) -> tuple[nnx.Module, str]:
                             "reference .pth.tar.")
   if os.path.isdir(path):
     errors = []
-    for kind, cfg in (("ofq_jax quantized", quantized_config(model_config)),
-                      ("ofq_jax float", float_config(model_config))):
+    # Quantized in either W_qk form (CGA with cga.include_qk saves W_qk itself), then float.
+    kinds = [(_quantized_kind(cfg), cfg) for cfg in quantized_configs(model_config)]
+    for kind, cfg in kinds + [("ofq_jax float", float_config(model_config))]:
       try:
         return load_model_dir(path, create_model(cfg)), kind
       except Exception as error:  # pylint: disable=broad-except
@@ -59,6 +62,11 @@ def load_for_eval(path: str, model_config) -> tuple[nnx.Module, str]:
   if any(key.endswith(_REFERENCE_MARKERS) for key in state):
     return load_ofq_torch(state, quantized_config(model_config)), "OFQ reference"
   return load_float(state, model_config), float_format(model_config)
+
+
+def _quantized_kind(config) -> str:
+  return ("ofq_jax quantized (W_qk form)" if qk_form(config.quant) == "product"
+          else "ofq_jax quantized")
 
 
 def evaluate_checkpoint(config, checkpoint: str) -> dict[str, Any]:

@@ -8,7 +8,8 @@
 2 per byte, 5- to 8-bit: 1 per byte — with its per-channel unit (``tensor = unit *
 integer``), and every other array (LSQ steps, move biases, biases, norms, embeddings,
 the image quantizer's sign) as it is; no latent float weight (and none of the ``W_q``,
-``W_k`` behind QKR's product) is written. The container is safetensors; its metadata
+``W_k`` behind QKR's product, nor the latent ``W_qk`` of its product form) is written, so
+a model that CGA trained with ``cga.include_qk`` exports like any other. The container is safetensors; its metadata
 holds the format version, the model config and each tensor's code layout.
 
 ``load_integer(path)`` rebuilds the model with those integers fixed (``RoundsTensors.
@@ -32,6 +33,7 @@ from flax import nnx
 from ofq_jax import run_record
 from ofq_jax.errors import MissingInputError, UserError
 from ofq_jax.models import create_model
+from ofq_jax.models.config import quantized_configs
 from ofq_jax.models.rounded import RoundedTensor, rounded_tensors
 from ofq_jax.paths import dotted, state_path
 
@@ -139,7 +141,10 @@ def _check_config(stored: ml_collections.ConfigDict, expected: ml_collections.Co
                   path) -> None:
   # A packed model is quantized whatever a training config's float stage says, and its
   # matmul settings are the loader's choice.
-  ignore = ("quant.enabled", "quant.matmul", "quant.matmul_operands", "quant.matmul_backward")
+  # How QKR held W_qk while training (factors or product) is not in the file either: it
+  # stores the rounded product.
+  ignore = ("quant.enabled", "quant.matmul", "quant.matmul_operands", "quant.matmul_backward",
+            "quant.qk_form")
   old, new = run_record.flatten(stored), run_record.flatten(expected)
   diff = [f"{k}: {old.get(k)!r} in the file, {new.get(k)!r} asked"
           for k in sorted(set(old) | set(new)) if k not in ignore and old.get(k) != new.get(k)]
@@ -189,17 +194,30 @@ def load_integer(path: str | os.PathLike[str], config: ml_collections.ConfigDict
   return lambda images: forward(state, images)
 
 
+def load_quantized_dir(directory: str, model_config: ml_collections.ConfigDict) -> nnx.Module:
+  """The quantized model in ``directory`` (``workdir/models/<stage>``), QKR holding W_q and
+  W_k or, after CGA with ``cga.include_qk``, W_qk (the form the directory's state has)."""
+  from ofq_jax.checkpointing import load_model_dir  # pylint: disable=import-outside-toplevel
+  errors = []
+  for config in quantized_configs(model_config):
+    try:
+      return load_model_dir(directory, create_model(config))
+    except Exception as error:  # pylint: disable=broad-except
+      errors.append(f"{type(error).__name__}: {str(error)[:300]}")
+  raise UserError(f"--checkpoint={directory} is not a quantized model directory of this "
+                  f"config (fix --config.model to the one it was trained with): " +
+                  " | ".join(errors))
+
+
 def main(argv: list[str]) -> None:
   """``--config --checkpoint --out``: a quantized model directory -> a packed file."""
   from absl import flags  # pylint: disable=import-outside-toplevel
   del argv
-  from ofq_jax.checkpointing import load_model_dir  # pylint: disable=import-outside-toplevel
-  from ofq_jax.models import quantized_config  # pylint: disable=import-outside-toplevel
   config = flags.FLAGS.config
   if not os.path.isdir(flags.FLAGS.checkpoint):
     raise MissingInputError(f"--checkpoint={flags.FLAGS.checkpoint!r} is not a model "
                             "directory (workdir/models/qat or models/cga).")
-  model = load_model_dir(flags.FLAGS.checkpoint, create_model(quantized_config(config.model)))
+  model = load_quantized_dir(flags.FLAGS.checkpoint, config.model)
   sizes = export_integer(model, flags.FLAGS.out)
   print(f"{flags.FLAGS.out}: {sizes['bytes'] / 1e6:.2f} MB ({sizes['packed_weight_bytes'] / 1e6:.2f}"
         f" MB packed weights, {sizes['other_bytes'] / 1e6:.2f} MB other arrays)")

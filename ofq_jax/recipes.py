@@ -81,7 +81,10 @@ def base() -> ml_collections.ConfigDict:
                        min_lr=0.0, weight_decay=0.0, init_from="")
   config.qat = _dict(epochs=0, cooldown_epochs=0, lr=0.0, warmup_epochs=0, warmup_lr=1e-6,
                      min_lr=1e-5, weight_decay=0.0, teacher="")
-  config.cga = _dict(epochs=0, boundary_range=0.005, targets=DEFAULT_TARGETS, resume="")
+  # include_qk: also anneal QKR's W_q^T W_k, which the reference never freezes (spec 4.4):
+  # the CGA stage then holds W_qk as one parameter, started at the QAT product.
+  config.cga = _dict(epochs=0, boundary_range=0.005, targets=DEFAULT_TARGETS, resume="",
+                     include_qk=False)
   config.async_checkpointing = True
   # Multi-process runs: every this many steps the processes agree whether any of them
   # got SIGTERM (one all-gather); all then save the same step and exit 143.

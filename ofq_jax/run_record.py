@@ -45,6 +45,11 @@ def flatten(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return out
 
 
+ADDED = {"cga.include_qk": False, "model.quant.qk_form": "factors"}
+"""Trajectory keys added after runs were recorded, with the value those runs had (a
+record without the key is that run, not a different one)."""
+
+
 def _exempt(key: str) -> bool:
   return any(key == e or (e.endswith(".") and key.startswith(e)) for e in EXEMPT)
 
@@ -52,9 +57,10 @@ def _exempt(key: str) -> bool:
 def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
   """``key: old -> new`` for every trajectory key that differs (missing: ``<absent>``)."""
   absent = "<absent>"
-  return [f"{key}: {old.get(key, absent)!r} -> {new.get(key, absent)!r}"
+  was = lambda key: old.get(key, ADDED.get(key, absent))
+  return [f"{key}: {was(key)!r} -> {new.get(key, absent)!r}"
           for key in sorted(set(old) | set(new))
-          if not _exempt(key) and old.get(key, absent) != new.get(key, absent)]
+          if not _exempt(key) and was(key) != new.get(key, absent)]
 
 
 def check(config: ml_collections.ConfigDict, workdir: str) -> None:

@@ -10,7 +10,9 @@ Adding a stage means adding a builder and its input check to ``STAGES``.
   stage, or a timm / FB DeiT file, or an ofq_jax model directory), calibrate the LSQ
   steps on one training batch, train with knowledge distillation (spec 5.1).
 * ``cga``: resume the QAT state (parameters and AdamW moments), train at the QAT
-  stage's constant ``min_lr`` with confidence-guided annealing (spec 4).
+  stage's constant ``min_lr`` with confidence-guided annealing (spec 4); with
+  ``cga.include_qk`` QKR's ``W_qk`` is a parameter here and annealed too
+  (``product_form``).
 """
 
 from __future__ import annotations
@@ -29,14 +31,14 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from ofq_jax import cga, losses, optim, sharding, step
+from ofq_jax import cga, losses, optim, product_form, sharding, step
 from ofq_jax.checkpointing import Checkpointer, load_model_dir
 from ofq_jax.data import DataSource, steps_per_epoch
 from ofq_jax.errors import MissingInputError, UserError
 from ofq_jax.interop import quantize_from_float
 from ofq_jax.interop.families import load_float
 from ofq_jax.models import calibrate, create_model, float_config, quantized_config
-from ofq_jax.models.config import PRECISIONS
+from ofq_jax.models.config import PRECISIONS, qk_form, with_qk_form
 from ofq_jax.models.quantizers import QuantBuffer
 from ofq_jax.models.rounded import cga_targets
 
@@ -175,12 +177,20 @@ def build_qat_plan(config, run: Run) -> StagePlan:
                    config.get("tracking"), fresh_state=fresh)
 
 
+def cga_model_config(config) -> ml_collections.ConfigDict:
+  """The CGA student's model: the quantized model, with QKR in its product form
+  (``W_qk`` a parameter) when ``cga.include_qk`` anneals it."""
+  model = quantized_config(config.model)
+  return with_qk_form(model, "product") if cga.include_qk(config.cga) else model
+
+
 def build_cga_plan(config, run: Run) -> StagePlan:
   hyper, seed = config.cga, run.seed("cga")
   teacher = load_teacher(config, run.workdir)
   # Only the structure matters: the values come from the QAT checkpoint.
-  student = create_model(quantized_config(config.model), nnx.Rngs(seed))
-  bits = cga.target_bits(nnx.state(student, nnx.Param), cga_targets(student, hyper.targets))
+  student = create_model(cga_model_config(config), nnx.Rngs(seed))
+  bits = cga.target_bits(nnx.state(student, nnx.Param),
+                         cga_targets(student, cga.stage_targets(hyper)))
   min_lr = config.qat.min_lr
   schedule = lambda count: jnp.full((), min_lr, jnp.float32)  # constant, no cooldown
   tx = cga.cga(_adamw(config, config.qat, schedule, student), bits, hyper.boundary_range)
@@ -199,26 +209,63 @@ def build_cga_plan(config, run: Run) -> StagePlan:
 
 def _state_from_qat(config, run: Run, spec: step.StateSpec, bits: Any) -> step.State:
   """CGA starts from the QAT stage's last state, its AdamW moments included (spec 4.1),
-  and its oscillation history when both stages track (else tracking starts afresh)."""
+  and its oscillation history when both stages track (else tracking starts afresh).
+  With ``cga.include_qk`` the QAT factors become the product (``product_form``)."""
   directory = config.cga.resume or run.path("checkpoints", "qat")
+  target = dict(spec.abstract, opt_state=spec.abstract["opt_state"].inner)
+  qat_spec = _qat_spec(config, run)
   with Checkpointer(directory, keep=config.keep_checkpoints, async_save=False) as qat:
     if not qat.steps():
       raise MissingInputError(f"No QAT checkpoint in {directory}: run the 'qat' stage first "
                               "or set --config.cga.resume=DIR (a checkpoints/qat folder).")
-    abstract = dict(spec.abstract, opt_state=spec.abstract["opt_state"].inner)
+    abstract = dict(target if qat_spec is None else qat_spec.abstract)
     if not qat.read_meta(qat.steps()[-1]).get("tracked", False):
       abstract.pop("tracker", None)
     elif "tracker" not in abstract:
       raise UserError(f"The QAT checkpoints in {directory} track oscillation but this CGA "
                       "stage does not (config.tracking.enabled=False); keep tracking "
                       "enabled for CGA, as in the QAT run.")
-    qat_step, state, _ = qat.restore(abstract)
+    older = step.tracker_older_layouts(qat_spec or spec, abstract)
+    qat_step, state, _ = qat.restore(abstract, older_layouts=older)
   _log(f"[cga] starting from QAT checkpoint {qat_step} in {directory}")
+  if qat_spec is not None:
+    state = _to_product_form(state, qat_spec, spec, target)
   state["opt_state"] = cga.CGAState(state["opt_state"], _frozen(spec, bits, config)(state))
   state["step"] = sharding.place(np.int32(0), spec.shardings["step"])
   if spec.tracker is not None and "tracker" not in state:
     _log("[cga] the QAT checkpoint has no oscillation history; tracking starts now")
     state["tracker"] = step.tracker_start_fn(spec)(state["params"], state["buffers"])
+  return state
+
+
+def _qat_spec(config, run: Run) -> step.StateSpec | None:
+  """The QAT checkpoints' layout when it differs from the CGA student's (QKR's factors
+  there, the product here: ``cga.include_qk``), else None."""
+  qat_model = quantized_config(config.model)
+  if qk_form(qat_model.quant) == qk_form(cga_model_config(config).quant):
+    return None
+  student = create_model(qat_model, nnx.Rngs(0))  # a structure (the tracker reads values)
+  schedule = lambda count: jnp.full((), config.qat.min_lr, jnp.float32)
+  return step.create_train_state(student, _adamw(config, config.qat, schedule, student),
+                                 run.mesh, tracking=config.get("tracking"),
+                                 min_size=config.fsdp_min_size)
+
+
+def _to_product_form(state: step.State, qat_spec: step.StateSpec, spec: step.StateSpec,
+                     target: step.State) -> step.State:
+  """``product_form.to_product_form``; tracking restarts if the trackers do not line up."""
+  shardings = dict(spec.shardings, opt_state=spec.shardings["opt_state"].inner)
+  try:
+    state = product_form.to_product_form(state, qat_spec.graphdef, target, shardings)
+  except KeyError as error:
+    if "tracker" not in state:
+      raise
+    _log(f"[cga] the QAT oscillation history does not fit the product form ({error}); "
+         "tracking starts now")
+    state = product_form.to_product_form(
+        {k: v for k, v in state.items() if k != "tracker"}, qat_spec.graphdef,
+        {k: v for k, v in target.items() if k != "tracker"}, shardings)
+  _log("[cga] cga.include_qk: W_qk = W_q^T W_k of the QAT factors, with zero AdamW moments")
   return state
 
 
@@ -275,6 +322,10 @@ def check_cga(config, workdir: str, quantized: nnx.Module | None) -> None:
   if "qat" not in config.stages and not os.path.isdir(resume):
     raise MissingInputError(f"CGA resumes a QAT state, but {resume} does not exist: add "
                             "'qat' to config.stages or set --config.cga.resume=DIR.")
+  if cga.include_qk(config.cga) and config.model.quant.attention != "qkr":
+    raise UserError("cga.include_qk=True anneals QKR's W_q^T W_k product, but "
+                    f"model.quant.attention={config.model.quant.attention!r} has none; use "
+                    "attention='qkr' or cga.include_qk=False.")
   if quantized is not None and not cga_targets(quantized, config.cga.targets):
     raise UserError(f"cga.targets={config.cga.targets!r} matches no StatsQ weight of the "
                     "quantized model (e.g. the LSQ baseline has none to anneal).")

@@ -11,12 +11,14 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from ofq_jax.errors import UserError
 from ofq_jax.interop.files import read_state_dict
 from ofq_jax.interop.names import entries, state_to_torch, statsq_clip_key
 from ofq_jax.interop.swin_buffers import INDEX_SUFFIX, pop_position_indices, position_indices
 from ofq_jax.paths import dotted
 from ofq_jax.models.attention import QKRAttention
 from ofq_jax.models.config import float_config  # noqa: F401  (notebooks import it here)
+from ofq_jax.models.config import qk_form
 from ofq_jax.models import create_model as create_any_model
 from ofq_jax.models.deit import DeiT, create_model
 from ofq_jax.models.dtypes import param_dtype, state_dtype
@@ -147,6 +149,12 @@ def export_timm_deit(float_model: DeiT) -> dict[str, np.ndarray]:
   return state_to_torch(nnx.state(float_model))
 
 
+_NO_PRODUCT = ("{what}, but the OFQ reference format has no W_qk parameter: it stores W_q "
+               "and W_k, and a full-rank b-bit W_q^T W_k cannot be factored back. Export "
+               "the packed integers instead (python -m ofq_jax.export, "
+               "ofq_jax.export.export_integer).")
+
+
 def load_ofq_torch(state_or_path: Mapping[str, Any] | str | os.PathLike[str],
                    config: ml_collections.ConfigDict, *, calibrated: bool = True,
                    dtype: Any = None) -> DeiT:
@@ -161,6 +169,10 @@ def load_ofq_torch(state_or_path: Mapping[str, Any] | str | os.PathLike[str],
   if not config.quant.enabled:
     raise ValueError("load_ofq_torch needs config.quant.enabled=True (and the checkpoint's "
                      "bits / attention / weight_method); use load_timm_deit for float DeiTs.")
+  if qk_form(config.quant) == "product":
+    raise UserError("load_ofq_torch: model.quant.qk_form='product' holds W_qk as a parameter; "
+                    "the reference's checkpoints hold W_q and W_k: load them with "
+                    "qk_form='factors'.")
   state = dict(read_state_dict(state_or_path))
   dtype = param_dtype(dtype, [v for k, v in state.items() if not k.endswith(INDEX_SUFFIX)])
   model = create_any_model(config, dtype=dtype)
@@ -174,8 +186,17 @@ def load_ofq_torch(state_or_path: Mapping[str, Any] | str | os.PathLike[str],
 
 
 def export_ofq_torch(model: DeiT) -> dict[str, np.ndarray]:
-  """Reverse of ``load_ofq_torch``: reference keys, layouts and buffers (strict-loadable)."""
+  """Reverse of ``load_ofq_torch``: reference keys, layouts and buffers (strict-loadable).
+
+  Refuses QKR in the product form (``quant.qk_form='product'``, e.g. after CGA with
+  ``cga.include_qk``): the reference stores ``W_q`` and ``W_k``, and a full-rank b-bit
+  ``W_qk`` cannot be factored back (spec 3.5); ``ofq_jax.export`` packs it instead.
+  """
   for path, module in nnx.iter_modules(model):
+    if isinstance(module, QKRAttention) and module.qk_kernel is not None:
+      raise UserError(_NO_PRODUCT.format(what=f"{dotted(path)} holds W_qk as a parameter "
+                                              "(quant.qk_form='product', e.g. after CGA "
+                                              "with cga.include_qk=True)"))
     if isinstance(module, QKRAttention) and module.key_bias is not None:
       raise ValueError(f"{dotted(path)} has the qk_bias='fold' key bias, which the reference "
                        "model cannot hold; export a model built with qk_bias='drop'.")

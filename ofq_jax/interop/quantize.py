@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from ofq_jax.models.attention import QKRAttention, StandardAttention
+from ofq_jax.models.attention import QKRAttention, StandardAttention, qk_product_of
 from ofq_jax.models import swin
 from ofq_jax.models.deit import create_model
 from ofq_jax.models.swin import SwinTransformer
@@ -44,7 +44,8 @@ def quantize_from_float(float_model: nnx.Module, config: ml_collections.ConfigDi
   ``q``, ``k``, ``v`` and drops ``b_q``, ``b_k`` (or folds ``b_q`` into a key
   bias with ``quant.qk_bias='fold'``); ``attn.proj`` (and ``qkv`` of standard
   attention) get torch's default random init unless ``quant.attn_proj_init`` /
-  ``quant.attn_qkv_init`` is ``'pretrained'`` (spec 7.1). Step sizes are
+  ``quant.attn_qkv_init`` is ``'pretrained'`` (spec 7.1); with ``quant.qk_form=
+  'product'`` QKR holds ``W_q^T W_k`` itself, computed from the split. Step sizes are
   placeholders until ``calibrate``; move biases start at zero. ``seed`` drives
   the random inits. The quantized state takes the float model's dtype (float32,
   or float64 under ``jax_enable_x64``). A Swin also gets its position tables
@@ -94,8 +95,13 @@ def _init_attention(dst, src: StandardAttention, quant: ml_collections.ConfigDic
   qkv_bias = np.asarray(src.qkv.bias.get_value())
   dim = qkv_kernel.shape[0]
   if isinstance(dst, QKRAttention):
-    _copy(dst.q_kernel, qkv_kernel[:, :dim])
-    _copy(dst.k_kernel, qkv_kernel[:, dim:2 * dim])
+    if dst.qk_kernel is not None:  # quant.qk_form='product': W_qk from the float W_q, W_k
+      _copy(dst.qk_kernel, qk_product_of(jnp.asarray(qkv_kernel[:, :dim]),
+                                         jnp.asarray(qkv_kernel[:, dim:2 * dim]),
+                                         dst.num_heads, dst.precision))
+    else:
+      _copy(dst.q_kernel, qkv_kernel[:, :dim])
+      _copy(dst.k_kernel, qkv_kernel[:, dim:2 * dim])
     _copy(dst.v_kernel, qkv_kernel[:, 2 * dim:])
     _copy(dst.v_bias, qkv_bias[2 * dim:])
     if dst.key_bias is not None:

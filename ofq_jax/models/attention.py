@@ -155,6 +155,19 @@ def _product_columns(wqk: jax.Array) -> jax.Array:
   return jnp.reshape(jnp.transpose(wqk, (2, 0, 1)), (dim, heads * dim))
 
 
+def qk_product_of(q_kernel: jax.Array, k_kernel: jax.Array, num_heads: int,
+                  precision: Precision) -> jax.Array:
+  """QKR's ``W_qk`` ``(H, D, D)`` from the ``(D, D)`` kernels of ``W_q``, ``W_k`` (Flax
+  layout, columns head-major): ``[h, r, c] = sum_e W_q[r, h*d+e] W_k[c, h*d+e]``. The one
+  expression of the product: the forward, the float-model split and CGA's switch to the
+  product form (``cga.include_qk``) all compute it here, so their values agree bit for bit."""
+  dim = q_kernel.shape[0]
+  head_dim = q_kernel.shape[1] // num_heads
+  wq = jnp.reshape(q_kernel, (dim, num_heads, head_dim))
+  wk = jnp.reshape(k_kernel, (dim, num_heads, head_dim))
+  return jnp.einsum("rhe,che->hrc", wq, wk, precision=precision)
+
+
 class QKRAttention(nnx.Module, RoundsTensors):
   """Query-key reparameterized attention (spec 3.5, the released OFQ recipe).
 
@@ -163,24 +176,39 @@ class QKRAttention(nnx.Module, RoundsTensors):
   ``q`` and ``k`` have no bias (the reference drops ``b_q``, ``b_k``);
   ``qk_bias='fold'`` adds the trainable per-head key bias ``u_h = W_k,h^T b_q,h``
   so that the pretrained attention is kept exactly (spec item 7.3).
+
+  ``qk_form``: ``'factors'`` (the reference) trains ``q_kernel`` and ``k_kernel`` and
+  derives the product every forward; ``'product'`` trains ``qk_kernel`` ``(H, D, D)``,
+  the product itself. The reference's CGA cannot anneal a derived product (spec 4.4:
+  freezing an entry of ``W_qk`` needs a parameter that is that entry), so
+  ``cga.include_qk`` runs CGA in the product form; the forward is the same function
+  of ``W_qk`` in both forms.
   """
 
   def __init__(self, dim: int, num_heads: int, *, spec: QuantSpec, proj_spec: QuantSpec,
                num_tokens: int, rngs: nnx.Rngs, qk_bias: str = "drop",
-               precision: Precision = "highest"):
+               qk_form: str = "factors", precision: Precision = "highest"):
     if spec.quantize_weights and spec.weight_method != "statsq":
       raise ValueError("attention='qkr' quantizes W_q^T W_k with StatsQ only; got weight "
                        f"method {spec.weight_method!r}. Use attention='standard' for LSQ "
                        "weights.")
     if qk_bias not in ("drop", "fold"):
       raise ValueError(f"qk_bias must be 'drop' (reference) or 'fold', got {qk_bias!r}.")
+    if qk_form not in ("factors", "product"):
+      raise ValueError(f"qk_form must be 'factors' (reference) or 'product', got {qk_form!r}.")
     self.spec = spec
     self.num_heads = num_heads
     self.head_dim = dim // num_heads
     self.precision = precision
+    self.qk_form = qk_form
     init = default_kernel_init
-    self.q_kernel = nnx.Param(init(rngs.params(), (dim, dim)))
-    self.k_kernel = nnx.Param(init(rngs.params(), (dim, dim)))
+    q_kernel, k_kernel = init(rngs.params(), (dim, dim)), init(rngs.params(), (dim, dim))
+    if qk_form == "factors":
+      self.q_kernel, self.k_kernel = nnx.Param(q_kernel), nnx.Param(k_kernel)
+      self.qk_kernel = None
+    else:  # the product of the same draws: one seed gives the same attention in both forms
+      self.q_kernel = self.k_kernel = None
+      self.qk_kernel = nnx.Param(qk_product_of(q_kernel, k_kernel, num_heads, precision))
     self.v_kernel = nnx.Param(init(rngs.params(), (dim, dim)))
     self.v_bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
     self.key_bias = (nnx.Param(jnp.zeros((num_heads, dim), jnp.float32))
@@ -204,20 +232,23 @@ class QKRAttention(nnx.Module, RoundsTensors):
     if not self.spec.quantize_weights:
       return ()
     bits = self.spec.weight_bits
-    return (Rounds("v_kernel", Rounding("statsq", bits, (0,)), param="v_kernel"),
-            # One scale per (head, row) of the (H, D, D) product; derived, no parameter.
-            Rounds("qk_product", Rounding("statsq", bits, (2,)), param=None,
-                   sources=("q_kernel", "k_kernel")))
+    # One scale per (head, row) of the (H, D, D) product: derived from W_q, W_k in the
+    # factors form (no parameter to freeze), the parameter qk_kernel in the product form.
+    qk_rounding = Rounding("statsq", bits, (2,))
+    qk = (Rounds("qk_product", qk_rounding, param="qk_kernel") if self.qk_form == "product"
+          else Rounds("qk_product", qk_rounding, param=None, sources=("q_kernel", "k_kernel")))
+    return (Rounds("v_kernel", Rounding("statsq", bits, (0,)), param="v_kernel"), qk)
 
   def value(self, name: str) -> jax.Array:
     return self.qk_product() if name == "qk_product" else super().value(name)
 
   def qk_product(self) -> jax.Array:
-    """``W_qk`` as ``(H, D, D)``: ``[h, r, c] = sum_e W_q[h*d+e, r] W_k[h*d+e, c]``."""
-    dim = self.q_kernel.shape[0]
-    wq = jnp.reshape(self.q_kernel[...], (dim, self.num_heads, self.head_dim))
-    wk = jnp.reshape(self.k_kernel[...], (dim, self.num_heads, self.head_dim))
-    return jnp.einsum("rhe,che->hrc", wq, wk, precision=self.precision)
+    """``W_qk`` as ``(H, D, D)``: ``[h, r, c] = sum_e W_q[h*d+e, r] W_k[h*d+e, c]``, or
+    the parameter itself in the product form."""
+    if self.qk_kernel is not None:
+      return self.qk_kernel[...]
+    return qk_product_of(self.q_kernel[...], self.k_kernel[...], self.num_heads,
+                         self.precision)
 
   def _weight_levels(self, name: str) -> WeightLevels | None:
     """The integer form of the kernel ``name`` multiplies with: ``v_kernel`` ``(D, D)``,

@@ -21,6 +21,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 ATTENTIONS = ("qkr", "standard")
 ATTN_INITS = ("random", "pretrained")
 QK_BIASES = ("drop", "fold")
+QK_FORMS = ("factors", "product")
 PRECISIONS = ("highest", "high", "default")
 
 
@@ -44,6 +45,10 @@ def quant_defaults() -> ml_collections.ConfigDict:
   # Reference quirk 7.3: QKR drops the query/key biases ('drop'). 'fold' keeps the
   # pretrained attention exactly through a per-head key bias W_k^T b_q.
   quant.qk_bias = "drop"
+  # How QKR holds W_qk (spec 3.5, 4.4): 'factors' (the reference: parameters W_q, W_k,
+  # the product derived each forward) or 'product' (one parameter W_qk per head, so that
+  # CGA can freeze its entries; the CGA stage switches to it with cga.include_qk=True).
+  quant.qk_form = "factors"
   # How quantized matmuls run (ofq_jax.quant.integer): 'fake' (float32 fake-quant, the
   # reference's arithmetic) or 'integer' (integer levels, exact sums, scales outside; the
   # same gradients). Operand dtype: 'auto' (per platform) | float32 | bfloat16 | int8;
@@ -139,9 +144,43 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
       raise UserError(f"quant.{field}={quant[field]!r} is not one of {allowed}.")
   if config.precision not in PRECISIONS:
     raise UserError(f"precision={config.precision!r} is not one of {PRECISIONS}.")
+  check_qk_form(quant)
   if quant.enabled and quant.attention == "qkr" and quant.weight_method == "lsq":
     raise UserError("quant.weight_method='lsq' (the LSQ baseline) needs "
                      "quant.attention='standard'; QKR quantizes W_q^T W_k with StatsQ.")
+
+
+def qk_form(quant: ml_collections.ConfigDict) -> str:
+  """``quant.qk_form``; configs written before it existed (packed exports, model
+  records) hold W_q and W_k, the ``'factors'`` form."""
+  return quant.get("qk_form", "factors")
+
+
+def check_qk_form(quant: ml_collections.ConfigDict) -> None:
+  """A known ``quant.qk_form``; ``'product'`` parameterises QKR's W_qk: only QKR has one."""
+  if qk_form(quant) not in QK_FORMS:
+    raise UserError(f"model.quant.qk_form={qk_form(quant)!r} is not one of {QK_FORMS}.")
+  if qk_form(quant) == "product" and quant.attention != "qkr":
+    raise UserError(f"model.quant.qk_form='product' holds QKR's W_q^T W_k as one parameter, "
+                    f"but model.quant.attention={quant.attention!r} has no such product; use "
+                    "attention='qkr' or qk_form='factors'.")
+
+
+def with_qk_form(config: ml_collections.ConfigDict, form: str) -> ml_collections.ConfigDict:
+  """A copy of ``config`` whose QKR attention holds W_qk in ``form`` (``QK_FORMS``)."""
+  config = copy.deepcopy(config)
+  config.quant.qk_form = form
+  return config
+
+
+def quantized_configs(config: ml_collections.ConfigDict) -> list[ml_collections.ConfigDict]:
+  """The quantized config of ``config`` and, for QKR, the same in the other W_qk form: a
+  quantized model directory may hold either (CGA with ``cga.include_qk`` saves W_qk)."""
+  first = quantized_config(config)
+  if first.quant.attention != "qkr":
+    return [first]
+  other = "factors" if qk_form(first.quant) == "product" else "product"
+  return [first, with_qk_form(first, other)]
 
 
 def float_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

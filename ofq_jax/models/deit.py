@@ -20,7 +20,8 @@ from ofq_jax.models.attention import QKRAttention, StandardAttention
 from ofq_jax.models.dtypes import build
 from ofq_jax.models.fences import residual_fence
 from ofq_jax.models.layers import Mlp, PatchEmbed, QDense
-from ofq_jax.models.config import check_images, model_config, validate_config  # noqa: F401
+from ofq_jax.models.config import (check_images, model_config, qk_form,  # noqa: F401
+                                   validate_config)
 from ofq_jax.quant.rules import QuantRules
 
 def num_tokens(config: ml_collections.ConfigDict) -> int:
@@ -40,7 +41,8 @@ class Block(nnx.Module):
     self.norm1 = nnx.LayerNorm(dim, **norm)
     attn_cls = QKRAttention if (config.quant.enabled and config.quant.attention == "qkr") \
         else StandardAttention
-    extra = dict(qk_bias=config.quant.qk_bias) if attn_cls is QKRAttention else {}
+    extra = (dict(qk_bias=config.quant.qk_bias, qk_form=qk_form(config.quant))
+             if attn_cls is QKRAttention else {})
     self.attn = attn_cls(dim, config.num_heads, spec=rules(f"{prefix}.attn"),
                          proj_spec=rules(f"{prefix}.attn.proj"), num_tokens=tokens, rngs=rngs,
                          precision=config.precision, **extra)

@@ -135,11 +135,31 @@ def scale(module: RoundsTensors, tensor: RoundedTensor) -> jax.Array:
   return r.rounding.scale(module.value(tensor.attr), module.step(r))
 
 
-def cga_targets(model: nnx.Module, pattern: str) -> dict[str, int]:
-  """Dotted param path -> bits of each StatsQ weight parameter whose name matches.
+class CGATarget(int):
+  """A CGA target's bit-width, as an ``int`` (``bits`` pytrees of plain ints stay valid),
+  that also names the axes its StatsQ scale averages over (``reduce_axes``, as its
+  ``Rounding``): ``(0,)`` for a Flax kernel ``(in, out)``, ``(2,)`` for QKR's
+  ``(H, D, D)`` product (one scale per (head, row))."""
 
-  Derived tensors (QKR's ``W_q^T W_k``) have no parameter to freeze and are left out.
+  reduce_axes: tuple[int, ...]
+
+  def __new__(cls, bits: int, reduce_axes: tuple[int, ...] = (0,)) -> CGATarget:
+    target = super().__new__(cls, bits)
+    target.reduce_axes = tuple(reduce_axes)
+    return target
+
+  def __repr__(self) -> str:
+    return f"CGATarget(bits={int(self)}, reduce_axes={self.reduce_axes})"
+
+
+def cga_targets(model: nnx.Module, pattern: str) -> dict[str, CGATarget]:
+  """Dotted param path -> bits (with reduce axes) of each StatsQ weight parameter whose
+  rounded tensor's name matches.
+
+  Derived tensors (QKR's ``W_q^T W_k`` in the reference's factors form) have no
+  parameter to freeze and are left out; in the product form (``quant.qk_form=
+  'product'``) ``qk_product`` is the parameter ``qk_kernel`` and can be a target.
   """
   regex = re.compile(pattern)
-  return {t.param: t.bits for t in rounded_tensors(model)
+  return {t.param: CGATarget(t.bits, t.rounding.reduce_axes) for t in rounded_tensors(model)
           if t.method == "statsq" and t.param is not None and regex.fullmatch(t.name)}

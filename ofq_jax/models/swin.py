@@ -36,7 +36,8 @@ from flax import nnx
 from ofq_jax.errors import UserError
 from ofq_jax.models.attention import QKRAttention, StandardAttention
 from ofq_jax.models.config import (ATTENTIONS, ATTN_INITS, PRECISIONS, QK_BIASES,
-                                   apply_preset, check_images, quant_defaults)
+                                   apply_preset, check_images, check_qk_form, qk_form,
+                                   quant_defaults)
 from ofq_jax.models.dtypes import build
 from ofq_jax.models.fences import residual_fence
 from ofq_jax.models.layers import Mlp, PatchEmbed, QDense
@@ -111,6 +112,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   for field, allowed in choices.items():
     if quant[field] not in allowed:
       raise UserError(f"model.quant.{field}={quant[field]!r} is not one of {allowed}.")
+  check_qk_form(quant)
 
 
 def relative_position_index(window: int) -> np.ndarray:
@@ -207,9 +209,10 @@ class SwinQKRAttention(QKRAttention):
   """Window attention with query-key reparameterization (the ``qkr`` variant)."""
 
   def __init__(self, dim: int, heads: int, window: int, shift: int, *, spec: QuantSpec,
-               proj_spec: QuantSpec, rngs: nnx.Rngs, precision: str, qk_bias: str = "drop"):
+               proj_spec: QuantSpec, rngs: nnx.Rngs, precision: str, qk_bias: str = "drop",
+               qk_form: str = "factors"):
     super().__init__(dim, heads, spec=spec, proj_spec=proj_spec, num_tokens=window * window,
-                     rngs=rngs, qk_bias=qk_bias, precision=precision)
+                     rngs=rngs, qk_bias=qk_bias, qk_form=qk_form, precision=precision)
     self.relative_position_bias_table = _position_table(rngs, window, heads)
     self.window, self.shift = window, shift
 
@@ -247,7 +250,8 @@ class SwinBlock(nnx.Module):
                   rngs=rngs, precision=config.precision)
     if config.quant.enabled and config.quant.attention == "qkr":
       self.attn = SwinQKRAttention(dim, heads, config.window_size, shift,
-                                   qk_bias=config.quant.qk_bias, **common)
+                                   qk_bias=config.quant.qk_bias,
+                                   qk_form=qk_form(config.quant), **common)
     else:
       self.attn = SwinAttention(dim, heads, config.window_size, shift, **common)
     self.norm2 = nnx.LayerNorm(dim, **norm)

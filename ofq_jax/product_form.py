@@ -1,0 +1,108 @@
+"""CGA on QKR's product (``cga.include_qk``): a QAT train state moved into the product form.
+
+QAT trains ``W_q`` and ``W_k`` (``model.quant.qk_form='factors'``, the reference); a CGA
+stage that anneals ``W_qk`` trains the product itself (``'product'``: one parameter
+``qk_kernel`` ``(H, D, D)`` per attention), because only a parameter can be frozen entry
+by entry (spec 4.4). ``to_product_form`` maps a restored QAT state onto the CGA
+student's layout:
+
+* ``qk_kernel`` is ``W_q^T W_k`` of the QAT factors, computed by
+  ``QKRAttention.qk_product`` (the expression and precision of the QAT forward), so CGA
+  starts from exactly the attention QAT ended with;
+* every other parameter and its AdamW moments, the Adam count, the buffers, the step
+  and the oscillation tracker's state of every rounded tensor are carried over
+  unchanged (``qk_product`` keeps its name and shape; the tracker's extra state of the
+  factors, which the product form no longer has, is dropped);
+* ``qk_kernel``'s moments (mu, nu) start at zero: the product had no moments of its
+  own in QAT, and those of ``W_q``, ``W_k`` belong to other coordinates (no map takes
+  them to the product's). optax keeps one count for all parameters, so the QAT count
+  stays and the product's first updates are not bias-corrected: with a steady gradient
+  they reach ~6x the steady size within the first tens of steps and settle over ~1000
+  (at CGA's constant ``min_lr``); its in-band entries freeze within them.
+
+``W_qk`` is weight-decayed at the QAT rate, as ``W_q``, ``W_k`` were (timm's rule: a
+weight of more than one dimension); frozen entries are restored, so only the in-band
+ones see it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ofq_jax.models.attention import QKRAttention
+from ofq_jax.paths import dotted, state_path
+
+State = dict[str, Any]
+PRODUCT = "qk_kernel"
+"""The product form's parameter name (``QKRAttention.qk_kernel``)."""
+
+
+def qk_products(graphdef: nnx.GraphDef, params: Any, buffers: Any) -> dict[str, jax.Array]:
+  """``{dotted path of the attention: W_qk}`` of every factors-form QKR attention."""
+  model = nnx.merge(graphdef, params, buffers)
+  return {dotted(tuple(path)): module.qk_product() for path, module in nnx.iter_modules(model)
+          if isinstance(module, QKRAttention) and module.qk_kernel is None}
+
+
+def carry(target: Any, source: Any, fill: Callable[[tuple[str | int, ...], Any], jax.Array]
+          ) -> Any:
+  """``target``'s structure (abstract leaves) with each leaf taken from ``source`` at the
+  same key path (same shape and dtype, else a KeyError); ``fill(state path, abstract
+  leaf)`` makes the leaves ``source`` does not have. Extra ``source`` leaves are dropped."""
+  found = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(source)[0]}
+
+  def take(path, leaf):
+    value = found.get(jax.tree_util.keystr(path))
+    if value is None:
+      return fill(state_path(path), leaf)
+    if (tuple(value.shape), value.dtype) != (tuple(leaf.shape), leaf.dtype):
+      raise KeyError(f"{jax.tree_util.keystr(path)}: {value.shape} {value.dtype} in the QAT "
+                     f"state, {leaf.shape} {leaf.dtype} expected")
+    return value
+  return jax.tree_util.tree_map_with_path(take, target)
+
+
+def _product_param(products: dict[str, jax.Array]):
+  def fill(path, leaf):
+    if path[-1] != PRODUCT:
+      raise KeyError(f"{dotted(path)} is not in the QAT state")
+    return products[dotted(path[:-1])].astype(leaf.dtype)
+  return fill
+
+
+def _zero_moment(path, leaf):
+  """AdamW's moments (any parameter-shaped optimizer entry) of ``qk_kernel``: zero."""
+  if path[-1] != PRODUCT:
+    raise KeyError(f"optimizer entry {dotted(path)} is not in the QAT state")
+  return jnp.zeros(leaf.shape, leaf.dtype)
+
+
+def _missing(path, leaf):
+  del leaf
+  raise KeyError(f"tracker entry {dotted(path)} is not in the QAT state")
+
+
+def to_product_form(state: State, qat_graphdef: nnx.GraphDef, target: State,
+                    shardings: State) -> State:
+  """The QAT ``state`` (params, buffers, plain AdamW ``opt_state``, step[, tracker]) in
+  the layout of ``target`` (abstract: the CGA student's params, its optimizer's inner
+  state as ``opt_state``[, tracker]), placed on ``shardings`` (keyed alike). Raises
+  KeyError when the tracker states do not line up (the caller restarts tracking)."""
+  keys = [k for k in ("params", "opt_state", "tracker") if k in target and k in state]
+
+  def convert(params, buffers, opt_state, tracker):
+    products = qk_products(qat_graphdef, params, buffers)
+    out = {"params": carry(target["params"], params, _product_param(products)),
+           "opt_state": carry(target["opt_state"], opt_state, _zero_moment)}
+    if tracker is not None:
+      out["tracker"] = carry(target["tracker"], tracker, _missing)
+    return out
+
+  converted = jax.jit(convert, out_shardings={k: shardings[k] for k in keys})(
+      state["params"], state["buffers"], state["opt_state"], state.get("tracker"))
+  return dict(state, **converted)
