@@ -4,8 +4,12 @@
 
 writes ``DIR/plots/``:
 
-* ``oscillation.png``: fraction of oscillating weights per quantized tensor (and in
-  total) over QAT and CGA, stages laid end to end;
+* ``oscillation.png``: fraction of oscillating low-bit weights per module type (qk, v,
+  proj, fc1, fc2, ...; the 8-bit patch embedding and heads left out) over QAT and CGA,
+  stages laid end to end, one panel per flip definition (integer level; fixed grid),
+  the most oscillating tensors named;
+* ``channel_scales.png``: the per-channel scales of the most oscillating channels over
+  QAT and CGA (the paper's Figure 1 style);
 * ``scales_block<B>.png``: the per-channel StatsQ scales (``2 mean|w|``) of block B's
   quantized tensors during CGA (during QAT when the run has no CGA stage), one line
   per output channel, as in the figure of the OFQ authors' README;
@@ -23,6 +27,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 from absl import app, flags
 
 STAGE_ORDER = ("float", "qat", "cga")
@@ -72,25 +77,130 @@ def _figure(rows: int = 1, cols: int = 1, size=(7.0, 4.0)):
   return fig, axes
 
 
+GROUP_COLORS = {"qk": "crimson", "qk_implied": "salmon", "v": "darkorange", "proj": "gold",
+                "fc1": "seagreen", "fc2": "steelblue", "reduction": "purple",
+                "patch_embed": "grey", "head": "black"}
+DEFINITION_TITLES = {"osc": "integer level (current scale)",
+                     "osc_grid": "fixed grid (scale frozen between refreshes)"}
+TOP_TENSORS = 4
+"""Oscillation plots name this many most-oscillating tensors."""
+EIGHT_BIT_GROUPS = ("patch_embed", "head")
+"""Module types OFQ keeps at 8 bits (LSQ, the same in every method): drawn as groups, never
+picked as the most oscillating tensors or channels."""
+
+
+def _groups(records, prefix: str) -> list[str]:
+  start = f"{prefix}/oscillating_fraction/group/"
+  return sorted({k[len(start):] for r in records for k in r if k.startswith(start)},
+                key=lambda g: list(GROUP_COLORS).index(g) if g in GROUP_COLORS else 99)
+
+
+def _tensors(records, prefix: str) -> list[str]:
+  """Per-tensor keys (no part suffix, no group) of one definition."""
+  start = f"{prefix}/oscillating_fraction/"
+  return sorted({k[len(start):] for r in records for k in r
+                 if k.startswith(start) and "/" not in k[len(start):]})
+
+
+def _last(records, key: str, stage: str | None = None) -> float:
+  values = [r[key] for r in records if key in r and (stage is None or r["stage"] == stage)]
+  return values[-1] if values else float("nan")
+
+
 def plot_oscillation(records, path: str) -> bool:
-  """Oscillating fraction per tensor over training; False when nothing was tracked."""
-  prefix = "osc/oscillating_fraction/"
-  names = sorted({k[len(prefix):] for r in records for k in r if k.startswith(prefix)})
-  if not names:
+  """Oscillating fraction per module type over QAT and CGA, one panel per flip
+  definition, with the most oscillating tensors (at the end of QAT) named; False when
+  nothing was tracked."""
+  definitions = [p for p in DEFINITION_TITLES if _groups(records, p) or _tensors(records, p)]
+  if not definitions:
     return False
   offsets = _offsets(records)
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  fig, axes = _figure(size=(9.0, 5.0))
+  fig, axes = _figure(1, len(definitions), size=(7.0, 4.6))
+  for ax, prefix in zip(axes[0], definitions):
+    for group in _groups(records, prefix):
+      if group in EIGHT_BIT_GROUPS:
+        continue
+      ax.plot(*_series(records, f"{prefix}/oscillating_fraction/group/{group}", offsets),
+              lw=1.6, color=GROUP_COLORS.get(group, "tab:blue"),
+              ls=":" if group == "qk_implied" else "-",
+              label=group + (" (W_q, W_k implied)" if group == "qk_implied" else ""))
+    stage = "qat" if any(r["stage"] == "qat" for r in records) else None
+    low_bit = [n for n in _tensors(records, prefix) if _group_of(n) not in EIGHT_BIT_GROUPS
+               and not re.search(r"\.[qk]_kernel$", n)]  # QKR's implied factors: not rounded
+    ranked = sorted(low_bit, key=lambda n: -np.nan_to_num(
+        _last(records, f"{prefix}/oscillating_fraction/{n}", stage)))
+    for name in ranked[:TOP_TENSORS]:
+      ax.plot(*_series(records, f"{prefix}/oscillating_fraction/{name}", offsets), lw=0.6,
+              ls="--", color=GROUP_COLORS.get(_group_of(name), "tab:blue"), label=name)
+    bits = _low_bits(records, prefix)
+    total = f"{prefix}/oscillating_fraction" + (f"_w{bits}" if bits else "")
+    ax.plot(*_series(records, total, offsets), lw=2.4, color="black", alpha=0.5,
+            label=f"all {bits}-bit weights" if bits else "all rounded weights")
+    _stage_marks(ax, offsets)
+    ax.set(xlabel="step (stages end to end)", ylabel="fraction of oscillating weights",
+           title=f"Oscillation by module type ({bits or 'all'}-bit): "
+                 f"{DEFINITION_TITLES[prefix]}")
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=6, ncol=2)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  return True
+
+
+def _low_bits(records, prefix: str) -> int | None:
+  """The lowest weight bit-width with a total (``<prefix>/oscillating_fraction_w<b>``)."""
+  found = {int(m.group(1)) for r in records for k in r
+           for m in [re.fullmatch(rf"{prefix}/oscillating_fraction_w(\d+)", k)] if m}
+  return min(found) if found else None
+
+
+def _group_of(name: str) -> str:
+  from ofq_jax.models.tracker import tensor_group  # pylint: disable=import-outside-toplevel
+  return tensor_group(name)
+
+
+TOP_CHANNELS = 8
+"""The scale-trajectory plot follows this many most-oscillating channels."""
+
+
+def most_oscillating_channels(records, count: int = TOP_CHANNELS) -> list[tuple[str, int]]:
+  """``(tensor, channel)`` of the channels with the most oscillating weights in the last
+  ``osc_channels`` record of QAT (the last one of any stage when there is no QAT)."""
+  with_counts = [r for r in records if any(k.startswith("osc_channels/") for k in r)]
+  qat = [r for r in with_counts if r["stage"] == "qat"]
+  if not (qat or with_counts):
+    return []
+  last = (qat or with_counts)[-1]
+  ranked = sorted(((v, k[len("osc_channels/"):], c) for k, vec in last.items()
+                   if k.startswith("osc_channels/")
+                   and _group_of(k[len("osc_channels/"):]) not in EIGHT_BIT_GROUPS
+                   for c, v in enumerate(vec)),
+                  key=lambda t: -t[0])
+  return [(name, c) for v, name, c in ranked[:count] if v > 0]
+
+
+def plot_channel_scales(records, path: str) -> bool:
+  """Scale trajectories of the most oscillating low-bit channels over QAT and CGA
+  (stages end to end), each relative to its first recorded value so that channels of
+  different magnitudes share one axis, as in the paper's Figure 1: does CGA hold them
+  still?"""
+  chosen = most_oscillating_channels(records)
+  if not chosen:
+    return False
+  offsets = _offsets(records)
+  fig, axes = _figure(size=(9.0, 4.6))
   ax = axes[0, 0]
-  cmap = matplotlib.colormaps["viridis"]
-  for i, name in enumerate(names):
-    ax.plot(*_series(records, prefix + name, offsets), lw=0.8,
-            color=cmap(i / max(len(names) - 1, 1)), label=name if len(names) <= 16 else None)
-  ax.plot(*_series(records, "osc/oscillating_fraction", offsets), lw=2.2, color="crimson",
-          label="all quantized weights")
-  _stage_marks(ax, offsets)
-  ax.set(xlabel="step (stages end to end)", ylabel="fraction of oscillating weights",
-         title="Weight oscillation (EMA of oscillation events above threshold)")
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  colors = matplotlib.colormaps["tab10"]
+  for i, (name, channel) in enumerate(chosen):
+    key = f"scales/{name}"
+    points = sorted((offsets[r["stage"]] + r["step"], r[key][channel])
+                    for r in records if key in r and r["stage"] in ("qat", "cga"))
+    ax.plot([p[0] for p in points], [p[1] / points[0][1] for p in points], lw=0.9,
+            color=colors(i % 10), alpha=0.9, label=f"{name}[{channel}]")
+  _stage_marks(ax, {k: v for k, v in offsets.items() if k in ("qat", "cga")})
+  ax.set(xlabel="step (stages end to end)", ylabel="scale / its first recorded value",
+         title=f"Scales of the {len(chosen)} most oscillating channels (end of QAT)")
   ax.legend(fontsize=6, ncol=2)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
@@ -160,6 +270,7 @@ def make_plots(workdir: str, block: int = 0) -> list[str]:
   os.makedirs(out, exist_ok=True)
   written = []
   for name, draw in (("oscillation.png", plot_oscillation),
+                     ("channel_scales.png", plot_channel_scales),
                      (f"scales_block{block}.png", lambda r, p: plot_scales(r, p, block)),
                      ("accuracy.png", plot_accuracy)):
     path = os.path.join(out, name)
