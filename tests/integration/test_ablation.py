@@ -1,6 +1,6 @@
-"""The ablation report of bench/ablation_digits.py, on made-up run summaries (the
-training runs themselves are the train tests' business; the full ablation takes ~45
-minutes and is run by hand into RESULTS.md)."""
+"""The ablation report of bench/ablation_digits.py, on made-up run summaries and
+metrics (the training runs themselves are the train tests' business; the full ablation
+takes about an hour and is run by hand into RESULTS.md)."""
 
 import importlib.util
 import json
@@ -21,71 +21,102 @@ def ablation():
   return module
 
 
+def oscillation(total, qk, grid_scale=1.0, implied=None):
+  """A stage's numbers: integer-level values, fixed-grid ones ``grid_scale`` times them."""
+  values = {}
+  for prefix, factor in (("osc", 1.0), ("osc_grid", grid_scale)):
+    values[f"{prefix}/total"] = total * factor
+    values[f"{prefix}/qk"] = qk * factor
+    values[f"{prefix}/fc1"] = total * factor
+    if implied is not None:
+      values[f"{prefix}/qk_implied"] = implied * factor
+  return values
+
+
 def fake_results(args):
+  """StatsQ oscillates more than LSQ under the integer level only (grid 0.2x); QKR's
+  implied q/k oscillate less than StatsQ's q/k under both definitions."""
   results = {}
   for seed in args.seeds:
-    results[("float", 0, seed)] = {"float_top1": 98.0 + seed}
-    for bits in args.bits:
-      results[("lsq", bits, seed)] = {"qat_top1": 80.0 + bits, "oscillating_fraction_qat": 0.02,
-                                      "oscillating_fraction_low_bit_qat": 0.03}
-      results[("statsq", bits, seed)] = {"qat_top1": 85.0 + seed,
-                                         "oscillating_fraction_qat": 0.01,
-                                         "oscillating_fraction_low_bit_qat": 0.01}
-      results[("ofq", bits, seed)] = {"qat_top1": 90.0, "cga_top1": 91.0 + seed,
-                                      "oscillating_fraction_qat": 0.012,
-                                      "oscillating_fraction_cga": 0.004,
-                                      "oscillating_fraction_low_bit_qat": 0.012,
-                                      "oscillating_fraction_low_bit_cga": 0.002}
+    for arch in args.archs:
+      results[(arch, "float", 0, seed)] = {"float_top1": 98.0 + seed}
+      for bits in args.bits:
+        results[(arch, "lsq", bits, seed)] = {
+            "qat_top1": 80.0 + bits, "oscillation": {"qat": oscillation(0.02, 0.02)}}
+        results[(arch, "statsq", bits, seed)] = {
+            "qat_top1": 85.0 + seed, "oscillation": {"qat": oscillation(0.03, 0.04, 0.2)}}
+        results[(arch, "ofq", bits, seed)] = {
+            "qat_top1": 90.0, "cga_top1": 91.0 + seed, "oscillation": {
+                "qat": oscillation(0.012, 0.05, implied=0.01),
+                "cga": oscillation(0.004, 0.05, implied=0.01)}}
+        results[(arch, "ofq_qk", bits, seed)] = {
+            "cga_top1": 92.0 + seed, "oscillation": {"cga": oscillation(0.003, 0.001)}}
   return results
 
 
-def test_plan_runs_float_once_per_seed_and_reuses_it(ablation, tmp_path):
+def test_plan_runs_float_once_per_seed_and_arch_and_resumes_ofq_for_include_qk(ablation,
+                                                                              tmp_path):
   args = ablation.parse_args([f"--workdir={tmp_path}", "--seeds=0,1,2", "--bits=2,4"])
-  floats, quantized = ablation.plan(args)
-  assert [r.seed for r in floats] == [0, 1, 2]
-  assert len(quantized) == 3 * 2 * 3  # seeds x bits x (lsq, statsq, ofq)
-  ofq = [r for r in quantized if r.method == "ofq" and r.seed == 1 and r.bits == 4][0]
-  assert ofq.args[0] == "--config=configs/digits.py:method=ofq,bits=4,seed=1"
+  floats, quantized, resumed = ablation.plan(args)
+  assert [(r.arch, r.seed) for r in floats] == [(a, s) for s in (0, 1, 2)
+                                               for a in ("deit", "swin")]
+  assert len(quantized) == 3 * 2 * (3 + 2)  # seeds x bits x (deit: lsq, statsq, ofq; swin: 2)
+  assert not any(r.arch == "swin" and r.method == "lsq" for r in quantized)
+  ofq = [r for r in quantized if r.key == ("deit", "ofq", 4, 1)][0]
+  assert ofq.args[0] == "--config=configs/digits.py:arch=deit,method=ofq,bits=4,seed=1"
   assert "--config.stages=('qat','cga')" in ofq.args
-  assert f"--config.qat.teacher={tmp_path}/seed1/float/models/float" in ofq.args
+  assert f"--config.qat.teacher={tmp_path}/seed1/deit/float/models/float" in ofq.args
+  qk = [r for r in resumed if r.key == ("swin", "ofq_qk", 2, 0)][0]
+  assert "--config.stages=('cga',)" in qk.args and "--config.cga.include_qk=True" in qk.args
+  assert f"--config.cga.resume={tmp_path}/seed0/swin/w2a2_ofq/checkpoints/qat" in qk.args
 
 
-def test_low_bit_fractions_weigh_tensors_by_size(ablation, tmp_path):
-  """From a made-up metrics.jsonl: only the 2-bit tensors count, weighted by size."""
-  run = ablation.Run("lsq", 2, 0, tmp_path, [])
-  from ofq_jax.models import create_model
-  from ofq_jax.models.tracker import OscillationTracker
-  from ofq_jax.recipes import digits_recipe
-  config = digits_recipe("method=lsq,bits=2")
-  config.model.quant.enabled = True
-  tracker = OscillationTracker(create_model(config.model))
-  record = {"stage": "qat", "step": 9, "osc/oscillating_fraction": 0.5}
-  for w in tracker.weights:  # 8-bit tensors at 1.0 must not count
-    record[f"osc/oscillating_fraction/{w.name}"] = 1.0 if w.bits == 8 else (
-        0.5 if w.name.endswith("fc1.kernel") else 0.0)
-  (tmp_path / "metrics.jsonl").write_text(json.dumps(record) + "\n")
-  sizes = dict(zip(tracker.names, tracker.sizes()))
-  low = [n for n, w in zip(tracker.names, tracker.weights) if w.bits == 2]
-  expected = 0.5 * sum(sizes[n] for n in low if n.endswith("fc1.kernel")) / sum(
-      sizes[n] for n in low)
-  result = ablation.low_bit_fractions(run)
-  assert result == {"oscillating_fraction_low_bit_qat": pytest.approx(expected)}
+def test_stage_oscillation_reads_the_last_tracked_record_of_each_stage(ablation, tmp_path):
+  records = [{"stage": "qat", "step": 5, "osc/oscillating_fraction": 0.9},
+             {"stage": "qat", "step": 9, "osc/oscillating_fraction": 0.5,
+              "osc/oscillating_fraction_w2": 0.25, "osc/oscillating_fraction_w8": 0.75,
+              "osc_grid/oscillating_fraction_w2": 0.125,
+              "osc/oscillating_fraction/group/qk": 0.5,
+              "osc_grid/oscillating_fraction/group/qk_implied": 0.0625,
+              "osc/oscillating_fraction/group/head": 0.75},
+             {"stage": "qat", "step": 9, "eval/top1": 90.0},
+             {"stage": "cga", "step": 3, "osc/oscillating_fraction": 0.1,
+              "osc/oscillating_fraction_w2": 0.05}]
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  assert ablation.stage_oscillation(tmp_path, 2) == {
+      "qat": {"osc/total": 0.25, "osc_grid/total": 0.125, "osc/qk": 0.5,
+              "osc_grid/qk_implied": 0.0625},  # the 8-bit head group is not reported
+      "cga": {"osc/total": 0.05}}
 
 
 def test_report_fills_every_cell_and_checks_the_claims(ablation, tmp_path):
-  args = ablation.parse_args([f"--workdir={tmp_path}", "--seeds=0,1,2", "--bits=2,3"])
+  args = ablation.parse_args([f"--workdir={tmp_path}", "--seeds=0,1,2", "--bits=2,3",
+                              "--archs=deit,swin"])
   rows = ablation.collect(args, fake_results(args))
-  # StatsQ + QKR is read from the OFQ run's QAT stage.
-  assert rows[(2, "statsq_qkr")]["top1"] == [90.0, 90.0, 90.0]
-  assert rows[(2, "ofq")]["top1"] == [91.0, 92.0, 93.0]
+  # StatsQ + QKR is read from the OFQ run's QAT stage; ofq_qk's QAT from the OFQ run.
+  assert rows[("deit", 2, "statsq_qkr")]["top1"] == [90.0, 90.0, 90.0]
+  assert rows[("swin", 2, "ofq_qk")]["qat:osc/total"] == [0.012] * 3
+  assert "cga:osc/total" not in rows[("deit", 2, "statsq_qkr")]
   text = ablation.report(args, rows, {}, 60.0, "python bench/ablation_digits.py")
-  assert ("| StatsQ + QKR + CGA (OFQ) | 92.00 ± 1.00 | 1.200 ± 0.000 | 0.200 ± 0.000 | "
+  assert ("| StatsQ + QKR + CGA (OFQ) | 92.00 ± 1.00 | 1.200 ± 0.000 | 0.400 ± 0.000 | "
           "1.200 ± 0.000 | 0.400 ± 0.000 |") in text
   assert "| float (teacher) | 99.00 ± 1.00 |" in text
+  assert "| OFQ + CGA on W_qk (cga.include_qk), after CGA | 0.100 ± 0.000 |" in text
   for line in text.splitlines():
-    if line.startswith("| ") and not line.startswith("| method") and "---" not in line:
+    if line.startswith("| ") and not line.startswith(("| method", "| model")) \
+        and "---" not in line:
       cells = [c.strip() for c in line.strip("|").split("|")]
       assert all(cells) and not any("nan" in c for c in cells), line
-  assert "| W2A2 | StatsQ oscillates less than LSQ weights | 1.000 % vs 3.000 % | agrees |" in text
-  assert ("| W2A2 | QKR reduces oscillation (StatsQ+QKR < StatsQ) | 1.200 % vs 1.000 % | "
-          "**disagrees** |") in text
+  assert ("| DeiT W2A2 | StatsQ oscillates less than LSQ weights | integer level: 3.000 % vs "
+          "2.000 %; fixed grid: 0.600 % vs 2.000 % | depends on the definition (holds for "
+          "the fixed grid) |") in text
+  assert "| Swin W2A2 | StatsQ oscillates less than LSQ" not in text  # no LSQ Swin
+  assert ("| Swin W3A3 | QKR reduces q/k oscillation: W_q, W_k on StatsQ's grid (QKR, "
+          "implied) vs StatsQ's rounded W_q, W_k | integer level: 1.000 % vs 4.000 %; fixed "
+          "grid: 1.000 % vs 0.800 % | depends on the definition (holds for the integer "
+          "level) |") in text
+  assert ("| DeiT W2A2 | CGA on W_qk stops W_qk oscillating (include_qk < reference CGA, qk) "
+          "| integer level: 0.100 % vs 5.000 %; fixed grid: 0.100 % vs 5.000 % | agrees |"
+          ) in text
+  assert "| DeiT W2A2 | CGA improves top-1 (OFQ > StatsQ+QKR) | 92.00 % vs 90.00 % | agrees |" \
+      in text
