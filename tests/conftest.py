@@ -8,12 +8,22 @@ notebooks, the ablation) is marked ``slow``: ``pytest -m "not slow"`` is the qui
 import json
 import os
 import pathlib
+import shutil
+import tempfile
 
 # 8 fake CPU devices; optimization level 0 because the suite's tiny models spend far
 # more time compiling than running (subprocess tests inherit both).
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
                       "--xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache for the session, in-process and in the subprocesses
+# (training CLIs, notebooks, preemption runs compile the same tiny steps again and
+# again); removed at the end of the session.
+_XLA_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _XLA_CACHE = tempfile.mkdtemp(prefix="ofq_jax_test_xla_cache_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import pytest  # noqa: E402
 
@@ -27,6 +37,12 @@ def pytest_configure(config):
                           "tier); every other test asserts that x64 is off")
   config.addinivalue_line("markers", "slow: an integration test (tests/integration): "
                           "training runs, CLIs, ImageNet, notebooks, the ablation")
+
+
+def pytest_unconfigure(config):
+  del config
+  if _XLA_CACHE is not None:
+    shutil.rmtree(_XLA_CACHE, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items):
