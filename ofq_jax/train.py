@@ -48,6 +48,7 @@ class StageResult:
   steps: int
   frozen_fraction: float | None = None
   oscillating_fraction: float | None = None
+  oscillation: dict[str, float] | None = None  # totals and module types, both definitions
   preempted: bool = False
 
 
@@ -82,6 +83,7 @@ class _StageLog:
     self.eval_step = None  # compiled at the first eval, reused by every later one
     self.last_time, self.last_step = time.time(), start_step
     self.oscillating = None
+    self.oscillation = None
 
   def check_loss(self, step: int, metrics: dict[str, Any], ckpt: Checkpointer) -> None:
     """Fetches the loss (steps stay asynchronous in between); NaN parameters keep it
@@ -106,6 +108,8 @@ class _StageLog:
     values = self.writer.write(step, metrics)
     self.progress.log(step, values)
     self.oscillating = values.get("osc/oscillating_fraction", self.oscillating)
+    oscillation = {k: v for k, v in values.items() if _summarised(k)}
+    self.oscillation = oscillation or self.oscillation
     self.last_time, self.last_step = time.time(), step
 
   def write_scales(self, step: int, state: step_lib.State) -> None:
@@ -121,6 +125,14 @@ class _StageLog:
     self.progress.message(f"step {step}: eval top-1 {result['top1']:.2f}% top-5 "
                           f"{result['top5']:.2f}% ({result['count']} images)")
     return result
+
+
+def _summarised(key: str) -> bool:
+  """The oscillation numbers ``summary.json`` keeps per stage: totals (``osc/
+  oscillating_fraction[_w<b>]``) and module types (``.../group/<g>``), both definitions."""
+  prefix, _, rest = key.partition("/")
+  return prefix in ("osc", "osc_grid") and rest.startswith("oscillating_fraction") and (
+      "/" not in rest or rest.startswith("oscillating_fraction/group/"))
 
 
 def _meta(plan: stages.StagePlan, spec: step_lib.StateSpec, step: int, **extra) -> dict:
@@ -195,6 +207,7 @@ def _finish(plan: stages.StagePlan, run: stages.Run, spec: step_lib.StateSpec,
   summary = {"top1": result["top1"], "top5": result["top5"], **plan.end_metrics(state)}
   if log.oscillating is not None:
     summary["oscillating_fraction"] = log.oscillating
+    summary["oscillation"] = log.oscillation
   ckpt.save(total, state, _meta(plan, spec, total, done=True, eval=summary))
   ckpt.wait()
   nnx.update(plan.student, sharding.to_host(state["params"]),
@@ -267,6 +280,8 @@ def _summary(results: dict[str, StageResult], seconds: float) -> dict[str, Any]:
   for name, result in results.items():  # share of oscillating weights at the stage's end
     if result.oscillating_fraction is not None:
       summary[f"oscillating_fraction_{name}"] = result.oscillating_fraction
+    if result.oscillation:
+      summary[f"oscillation_{name}"] = result.oscillation
   summary["wall_seconds"] = seconds
   summary["preempted"] = any(r.preempted for r in results.values())
   return summary

@@ -30,6 +30,14 @@ def test_all_stages_three_steps(tmp_path):
   assert 0.0 < summary["frozen_fraction"] <= 1.0
   for stage in ("qat", "cga"):
     assert 0.0 <= summary[f"oscillating_fraction_{stage}"] <= 1.0
+    # Totals and module types under both flip definitions; no per-tensor numbers.
+    oscillation = summary[f"oscillation_{stage}"]
+    assert oscillation["osc/oscillating_fraction"] == summary[f"oscillating_fraction_{stage}"]
+    for prefix in ("osc", "osc_grid"):
+      for group in ("qk", "v", "proj", "fc1", "fc2", "qk_implied"):
+        assert 0.0 <= oscillation[f"{prefix}/oscillating_fraction/group/{group}"] <= 1.0
+      assert f"{prefix}/oscillating_fraction_w2" in oscillation
+    assert not any(".kernel" in k or "qk_product" in k for k in oscillation)
   assert json.loads((tmp_path / "summary.json").read_text())["cga_top1"] == summary["cga_top1"]
   records = read_metrics(tmp_path)
   for stage in ("float", "qat", "cga"):
@@ -46,8 +54,12 @@ def test_all_stages_three_steps(tmp_path):
   qat_steps = [r for r in records if r["stage"] == "qat" and "train/loss" in r]
   for record in qat_steps + cga_steps:  # oscillation and scales, per layer and in total
     assert 0.0 <= record["osc/oscillating_fraction"] <= 1.0
-    assert record["osc/flips"] == pytest.approx(sum(
-        v for k, v in record.items() if k.startswith("osc/flips/")))
+    tensors = {k: v for k, v in record.items() if k.startswith("osc/flips/")
+               and k.count("/") == 2 and not k.endswith((".q_kernel", ".k_kernel"))}
+    groups = {k: v for k, v in record.items() if k.startswith("osc/flips/group/")
+              and not k.endswith("/qk_implied")}
+    assert record["osc/flips"] == pytest.approx(sum(tensors.values()))
+    assert record["osc/flips"] == pytest.approx(sum(groups.values()))
     for name in ("blocks.1.attn.qk_product", "blocks.0.mlp.fc2.kernel", "head.kernel"):
       assert 0.0 <= record[f"osc/oscillating_fraction/{name}"] <= 1.0
       assert 0 < record[f"scale/min/{name}"] <= record[f"scale/max/{name}"]
