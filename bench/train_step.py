@@ -2,7 +2,7 @@
 
   python bench/train_step.py --model tiny --bits 2 --batch 8
   python bench/train_step.py --model small --bits 2 --batch 8 --json
-  python bench/train_step.py --model tiny --bits 2 --batch 8 --tracking both
+  python bench/train_step.py --model tiny --bits 2 --batch 8 --tracking all
   python bench/train_step.py --model small --bits 2 --batch 8 --matmul both --backward bf16
   python bench/train_step.py --model swin_t --bits 2 --batch 8 --matmul both
 
@@ -54,9 +54,11 @@ def build(model: str, bits: int, batch: int, attention: str, matmul: str, operan
 
 def compile_step(mesh, *, model: str, bits: int, batch: int, attention: str = "qkr",
                  matmul: str = "fake", operands: str = "auto", backward: str = "float32",
-                 teacher_precision: str = "highest", tracking: bool = True) -> dict:
+                 teacher_precision: str = "highest", tracking: str = "on") -> dict:
   """The training loop's state and step for a random batch, compiled and run once.
 
+  ``tracking``: ``off``, ``integer`` (the integer-level flip definition only) or ``on``
+  (both definitions, the train loop's default).
   Returns ``compiled``, ``state``, ``batch``, ``teacher`` (call
   ``compiled(state, batch, teacher)``), XLA's ``flops``, ``compile_seconds`` and an
   empty ``times`` list.
@@ -70,7 +72,8 @@ def compile_step(mesh, *, model: str, bits: int, batch: int, attention: str = "q
                    mask=optim.weight_decay_mask(nnx.state(student, nnx.Param)))
   placed_teacher = step_lib.place_teacher(teacher, mesh)
   spec = step_lib.create_train_state(student, tx, mesh,
-                                     tracking=tracking_config(enabled=tracking))
+                                     tracking=tracking_config(enabled=tracking != "off",
+                                                              fixed_grid=tracking == "on"))
   state = step_lib.initial_state(student, tx, spec)
   step = step_lib.make_train_step(spec, loss, tx, schedule, teacher=placed_teacher)
   start = time.perf_counter()
@@ -110,8 +113,11 @@ def main(argv=None) -> dict:
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--attention", choices=("qkr", "standard"), default="qkr")
-  parser.add_argument("--tracking", choices=("on", "off", "both"), default="on",
-                      help="oscillation tracking in the step (both: time each, alternately)")
+  parser.add_argument("--tracking", choices=("on", "off", "integer", "both", "all"),
+                      default="on",
+                      help="oscillation tracking in the step: on (both flip definitions), "
+                           "integer (the integer level only), off; both: off and on, all: "
+                           "the three, timed alternately")
   parser.add_argument("--matmul", choices=("fake", "integer", "both"), default="fake",
                       help="model.quant.matmul (both: time each, alternately)")
   parser.add_argument("--operands", choices=integer.OPERANDS, default="auto")
@@ -130,12 +136,14 @@ def main(argv=None) -> dict:
   mesh = sharding.make_mesh()
   sharding.check_batch(args.batch, mesh)
   runs = {}
-  for tracking in _choices(args.tracking, ("off", "on")):
+  trackings = ("off", "integer", "on") if args.tracking == "all" else _choices(
+      args.tracking, ("off", "on"))
+  for tracking in trackings:
     for matmul in _choices(args.matmul, ("fake", "integer")):
       runs[tracking, matmul] = compile_step(
           mesh, model=args.model, bits=args.bits, batch=args.batch, attention=args.attention,
           matmul=matmul, operands=args.operands, backward=args.backward,
-          teacher_precision=args.teacher_precision, tracking=tracking == "on")
+          teacher_precision=args.teacher_precision, tracking=tracking)
   for _ in range(args.steps):  # alternate, so every variant sees the same machine state
     for run in runs.values():
       faults = host_memory.page_faults()
