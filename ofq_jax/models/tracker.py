@@ -267,12 +267,11 @@ class OscillationTracker(nnx.Module):
     history."""
     modules = _modules(model)
     for weight, tracker in zip(self.followed, self.trackers):
-      module = modules[weight.path]
-      tracker.set(init_oscillation(weight_levels(module, weight)),
+      value, step = _value_and_step(modules[weight.path], weight)  # read once per tensor
+      tracker.set(init_oscillation(weight.rounding.levels(value, step)),
                   jnp.zeros(tracker.flips.shape))
       if self.fixed_grid:
-        value, _ = _value_and_step(module, weight)
-        tracker.set_grid(init_fixed_grid(value, weight_scale(module, weight),
+        tracker.set_grid(init_fixed_grid(value, weight.rounding.scale(value, step),
                                          weight.rounding.levels_on_grid),
                          jnp.zeros(tracker.flips.shape))
     self.updates.set_value(jnp.zeros((), jnp.int32))
@@ -283,14 +282,13 @@ class OscillationTracker(nnx.Module):
     updates = self.updates[...] + 1
     refresh = updates % self.grid_every_updates == 0
     for weight, tracker, parts in zip(self.followed, self.trackers, self.parts):
-      module = modules[weight.path]
-      state, flipped, _ = oscillation_step(tracker.state(), weight_levels(module, weight),
+      value, step = _value_and_step(modules[weight.path], weight)  # read once per tensor
+      state, flipped, _ = oscillation_step(tracker.state(), weight.rounding.levels(value, step),
                                            momentum=self.momentum)
       tracker.set(state, _part_sums(flipped, parts) / self.every_steps)
       if self.fixed_grid:
-        value, _ = _value_and_step(module, weight)
         grid, flipped, _ = track_fixed_grid(
-            tracker.grid_state(), value, weight_scale(module, weight),
+            tracker.grid_state(), value, weight.rounding.scale(value, step),
             weight.rounding.levels_on_grid, refresh=refresh, momentum=self.momentum)
         tracker.set_grid(grid, _part_sums(flipped, parts) / self.every_steps)
     self.updates.set_value(updates)
