@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -14,6 +14,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from ofq_jax import compat
+from ofq_jax.errors import UserError
 
 
 def save_model_dir(directory: str, model: nnx.Module) -> None:
@@ -31,6 +32,22 @@ def load_model_dir(directory: str, model: nnx.Module) -> nnx.Module:
   restored = ocp.StandardCheckpointer().restore(os.path.abspath(directory), abstract)
   nnx.update(model, restored)
   return model
+
+
+def load_fitting_model_dir(directory: str,
+                           candidates: Sequence[tuple[str, Callable[[], nnx.Module]]],
+                           what: str = "an ofq_jax model directory") -> tuple[nnx.Module, str]:
+  """``directory`` restored into the first of ``candidates`` (``(label, build)``) whose
+  structure it holds, and that label; a one-line ``UserError`` listing every mismatch
+  when none fits (a directory does not say which config built it)."""
+  errors = []
+  for label, build in candidates:
+    try:
+      return load_model_dir(directory, build()), label
+    except Exception as error:  # pylint: disable=broad-except
+      errors.append(f"{label}: {type(error).__name__}: {str(error)[:300]}")
+  raise UserError(f"--checkpoint={directory} is not {what} for this config (fix "
+                  "--config.model to the one it was trained with): " + " | ".join(errors))
 
 
 class Checkpointer:

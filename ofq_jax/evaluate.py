@@ -26,7 +26,7 @@ from ml_collections import config_flags
 
 from ofq_jax import data as data_lib
 from ofq_jax import sharding
-from ofq_jax.checkpointing import load_model_dir
+from ofq_jax.checkpointing import load_fitting_model_dir
 from ofq_jax.errors import MissingInputError, UserError, one_line
 from ofq_jax.interop import load_ofq_torch, read_state_dict
 from ofq_jax.interop.families import float_format, load_float
@@ -47,17 +47,11 @@ def load_for_eval(path: str, model_config) -> tuple[nnx.Module, str]:
                             "(workdir/models/<stage>), a timm / FB DeiT file or an OFQ "
                             "reference .pth.tar.")
   if os.path.isdir(path):
-    errors = []
     # Quantized in either W_qk form (CGA with cga.include_qk saves W_qk itself), then float.
     kinds = [(_quantized_kind(cfg), cfg) for cfg in quantized_configs(model_config)]
-    for kind, cfg in kinds + [("ofq_jax float", float_config(model_config))]:
-      try:
-        return load_model_dir(path, create_model(cfg)), kind
-      except Exception as error:  # pylint: disable=broad-except
-        errors.append(f"{kind}: {type(error).__name__}: {str(error)[:300]}")
-    raise UserError(f"--checkpoint={path} is not an ofq_jax model directory for this "
-                    f"config (fix --config.model to the one it was trained with): " +
-                    " | ".join(errors))
+    kinds.append(("ofq_jax float", float_config(model_config)))
+    return load_fitting_model_dir(path, [(kind, lambda c=cfg: create_model(c))
+                                         for kind, cfg in kinds])
   state = read_state_dict(path)
   if any(key.endswith(_REFERENCE_MARKERS) for key in state):
     return load_ofq_torch(state, quantized_config(model_config)), "OFQ reference"

@@ -9,8 +9,9 @@
 integer``), and every other array (LSQ steps, move biases, biases, norms, embeddings,
 the image quantizer's sign) as it is; no latent float weight (and none of the ``W_q``,
 ``W_k`` behind QKR's product, nor the latent ``W_qk`` of its product form) is written, so
-a model that CGA trained with ``cga.include_qk`` exports like any other. The container is safetensors; its metadata
-holds the format version, the model config and each tensor's code layout.
+a model that CGA trained with ``cga.include_qk`` exports like any other. The container is
+safetensors; its metadata holds the format version, the model config and each tensor's
+code layout.
 
 ``load_integer(path)`` rebuilds the model with those integers fixed (``RoundsTensors.
 freeze``) and returns a jitted ``images_nhwc -> logits`` function that runs its matmuls
@@ -33,7 +34,7 @@ from flax import nnx
 from ofq_jax import run_record
 from ofq_jax.errors import MissingInputError, UserError
 from ofq_jax.models import create_model
-from ofq_jax.models.config import quantized_configs
+from ofq_jax.models.config import qk_form, quantized_configs
 from ofq_jax.models.rounded import RoundedTensor, rounded_tensors
 from ofq_jax.paths import dotted, state_path
 
@@ -197,16 +198,12 @@ def load_integer(path: str | os.PathLike[str], config: ml_collections.ConfigDict
 def load_quantized_dir(directory: str, model_config: ml_collections.ConfigDict) -> nnx.Module:
   """The quantized model in ``directory`` (``workdir/models/<stage>``), QKR holding W_q and
   W_k or, after CGA with ``cga.include_qk``, W_qk (the form the directory's state has)."""
-  from ofq_jax.checkpointing import load_model_dir  # pylint: disable=import-outside-toplevel
-  errors = []
-  for config in quantized_configs(model_config):
-    try:
-      return load_model_dir(directory, create_model(config))
-    except Exception as error:  # pylint: disable=broad-except
-      errors.append(f"{type(error).__name__}: {str(error)[:300]}")
-  raise UserError(f"--checkpoint={directory} is not a quantized model directory of this "
-                  f"config (fix --config.model to the one it was trained with): " +
-                  " | ".join(errors))
+  from ofq_jax import checkpointing  # pylint: disable=import-outside-toplevel
+  model, _ = checkpointing.load_fitting_model_dir(
+      directory, [(f"qk_form={qk_form(c.quant)}", lambda c=c: create_model(c))
+                  for c in quantized_configs(model_config)],
+      what="a quantized model directory")
+  return model
 
 
 def main(argv: list[str]) -> None:
