@@ -44,18 +44,29 @@ def _float_file_bytes(model: nnx.Module, directory: str) -> int:
   return os.path.getsize(path)
 
 
-def bench_model(name: str, bits: int, batch: int, steps: int, directory: str) -> list[dict]:
-  rng = np.random.default_rng(0)
-  images = jnp.asarray(rng.normal(size=(batch, 224, 224, 3)), jnp.float32)
+VARIANTS = ("float", "fake-quant", "packed integer")
+
+
+def build_variants(name: str, bits: int, images: jax.Array, directory: str
+                   ) -> dict[str, tuple[nnx.Module, int | None]]:
+  """``variant -> (model, file bytes)``: the float32 DeiT, the quantized model calibrated
+  on ``images`` (fake-quant eval) and its packed integer export loaded back."""
   float_model = create_model(model_config(name), 0)
   quant = dict(enabled=True, weight_bits=bits, act_bits=bits)
   fake = create_model(model_config(name, quant=quant), 0)
   calibrate(fake, images)
   packed_path = os.path.join(directory, f"{name}_w{bits}a{bits}.safetensors")
   sizes = export.export_integer(fake, packed_path)
-  variants = {"float": (_forward(float_model), _float_file_bytes(float_model, directory)),
-              "fake-quant": (_forward(fake), None),
-              "packed integer": (export.load_integer(packed_path), sizes["bytes"])}
+  return {"float": (float_model, _float_file_bytes(float_model, directory)),
+          "fake-quant": (fake, None),
+          "packed integer": (export.load_integer_model(packed_path), sizes["bytes"])}
+
+
+def bench_model(name: str, bits: int, batch: int, steps: int, directory: str) -> list[dict]:
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.normal(size=(batch, 224, 224, 3)), jnp.float32)
+  variants = {key: (_forward(model), size)
+              for key, (model, size) in build_variants(name, bits, images, directory).items()}
   times = {k: [] for k in variants}
   for forward, _ in variants.values():
     jax.block_until_ready(forward(images))  # compile

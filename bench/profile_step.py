@@ -1,7 +1,12 @@
-"""Where the QAT train step's time goes: every XLA operation, by kind and by source.
+"""Where the QAT train step's (or an inference forward's) time goes: every XLA operation,
+by kind and by source.
 
   python bench/profile_step.py --model tiny --bits 2 --batch 8
   python bench/profile_step.py --model small --top 25 --json
+  python bench/profile_step.py --model tiny --batch 64 --inference packed
+
+``--inference float|fake|packed`` profiles ``bench/inference.py``'s jitted eval forward of
+that variant (float DeiT, fake-quant, packed integer) instead of the train step.
 
 Runs ``bench/train_step.py``'s compiled step (W2A2, KD teacher, tracking on) under
 ``jax.profiler`` and reads the trace back: each operation the runtime executed (a
@@ -28,8 +33,11 @@ import tempfile
 import time
 
 import jax
+import numpy as np
+from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import inference  # noqa: E402  pylint: disable=wrong-import-position
 import train_step  # noqa: E402  pylint: disable=wrong-import-position
 
 from ofq_jax import host_memory, sharding  # noqa: E402  pylint: disable=wrong-import-position
@@ -40,9 +48,11 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = \S+ ([\w\-]+)\((.*)$")
 
 
 class HloIndex:
-  """Instruction kinds and Python sources from a compiled module's HLO text."""
+  """Instruction kinds and Python sources from a compiled module's HLO text (``training``:
+  a train step, whose operations outside the forward and backward are the update)."""
 
-  def __init__(self, text: str):
+  def __init__(self, text: str, training: bool = True):
+    self.training = training
     self.lines: dict[str, str] = {}
     self.computations: dict[str, list[str]] = {}
     current = None
@@ -93,8 +103,8 @@ class HloIndex:
     line = self.lines[name]
     op_name = re.search(r'op_name="([^"]*)"', line)
     op_name = op_name.group(1) if op_name else ""
-    phase = "backward" if "transpose(" in op_name else "forward" if "jvp(" in op_name \
-        else "update"
+    phase = "backward" if "transpose(" in op_name else "forward" if (
+        "jvp(" in op_name or not self.training) else "update"
     frame = re.search(r"stack_frame_id=(\d+)", line)
     function = self.frames.get(int(frame.group(1)), "?") if frame else "?"
     return phase, function
@@ -138,27 +148,47 @@ def trace_durations(directory: str) -> collections.Counter:
   return durations
 
 
-def profile(args) -> dict:
+def _train_step(args):
+  """The compiled train step and a function running it once (the state carried along)."""
   mesh = sharding.make_mesh()
   run = train_step.compile_step(mesh, model=args.model, bits=args.bits, batch=args.batch,
                                 attention=args.attention, matmul=args.matmul)
-  index = HloIndex(run["compiled"].as_text())
-  state = run["state"]
-  for _ in range(2):  # settle (allocator, caches) before timing
-    state, metrics = run["compiled"](state, run["batch"], run["teacher"])
+  state = [run["state"]]
+  def once():
+    state[0], metrics = run["compiled"](state[0], run["batch"], run["teacher"])
     jax.block_until_ready(metrics)
+  return run["compiled"], once
+
+
+def _inference(args, directory: str):
+  """The compiled eval forward of one ``bench/inference.py`` variant, and a call of it."""
+  images = jax.numpy.asarray(np.random.default_rng(0).normal(size=(args.batch, 224, 224, 3)),
+                             jax.numpy.float32)
+  key = {"float": "float", "fake": "fake-quant", "packed": "packed integer"}[args.inference]
+  model, _ = inference.build_variants(args.model, args.bits, images, directory)[key]
+  graphdef, state = nnx.split(model)
+  compiled = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x, train=False)).lower(
+      state, images).compile()
+  return compiled, lambda: jax.block_until_ready(compiled(state, images))
+
+
+def profile(args) -> dict:
+  with tempfile.TemporaryDirectory() as directory:
+    compiled, once = (_inference(args, directory) if args.inference
+                      else _train_step(args))
+  index = HloIndex(compiled.as_text(), training=not args.inference)
+  for _ in range(2):  # settle (allocator, caches) before timing
+    once()
   faults = host_memory.page_faults()
   start = time.perf_counter()
   for _ in range(args.steps):
-    state, metrics = run["compiled"](state, run["batch"], run["teacher"])
-    jax.block_until_ready(metrics)
+    once()
   wall = (time.perf_counter() - start) / args.steps
   faulted_mb = (host_memory.page_faults() - faults) * 4096 / args.steps / 2**20
   with tempfile.TemporaryDirectory() as directory:
     jax.profiler.start_trace(directory, create_perfetto_trace=True)
     for _ in range(args.steps):
-      state, metrics = run["compiled"](state, run["batch"], run["teacher"])
-      jax.block_until_ready(metrics)
+      once()
     jax.profiler.stop_trace()
     durations = trace_durations(directory)
   by_kind, by_source, count = collections.Counter(), collections.Counter(), 0
@@ -173,6 +203,7 @@ def profile(args) -> dict:
   total = sum(by_kind.values())
   return {
       "model": args.model, "bits": args.bits, "batch": args.batch, "matmul": args.matmul,
+      "inference": args.inference,
       "device": jax.devices()[0].device_kind, "step_ms": wall * 1e3,
       "operations_ms": total, "operations": count, "faulted_mb_per_step": faulted_mb,
       "by_kind": {k: by_kind[k] for k in KINDS},
@@ -183,8 +214,10 @@ def profile(args) -> dict:
 
 def _print(result: dict) -> None:
   total = result["operations_ms"]
+  what = (f"{result['inference']} inference forward" if result["inference"]
+          else f"train step, {result['matmul']} matmul")
   print(f"{result['model']} W{result['bits']}A{result['bits']} batch {result['batch']} "
-        f"({result['matmul']}): step {result['step_ms']:.0f} ms wall, operations "
+        f"({what}): {result['step_ms']:.0f} ms wall, operations "
         f"{total:.0f} ms ({result['operations']} distinct operations), host memory faulted "
         f"{result['faulted_mb_per_step']:.0f} MB per step")
   print(f"\n{'kind':<18}{'ms/step':>9}{'share':>8}")
@@ -203,6 +236,8 @@ def main(argv=None) -> dict:
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--attention", choices=("qkr", "standard"), default="qkr")
   parser.add_argument("--matmul", choices=("fake", "integer"), default="fake")
+  parser.add_argument("--inference", choices=("float", "fake", "packed"), default=None,
+                      help="profile this variant's eval forward instead of the train step")
   parser.add_argument("--steps", type=int, default=2)
   parser.add_argument("--top", type=int, default=15, help="rows of the by-source table")
   parser.add_argument("--json", action="store_true")

@@ -90,14 +90,31 @@ def _holds(dtype: str, levels: LevelRange) -> bool:
   return lo <= levels[0] and levels[1] <= hi
 
 
+def levels_pay_off(platform: str, *, both_shifted: bool) -> bool:
+  """Whether, under ``operands='auto'``, a product is faster on integer levels here.
+
+  Not on a CPU for an activation-by-activation product whose operands both carry a move
+  bias (QKR's logits, standard attention's q.k): its integer form adds two correction
+  terms, a pass over each operand, and XLA:CPU fused the levels' conversion into the
+  batched dot and ran it in float32, so nothing paid for them (DeiT-T W2A2 packed at batch
+  64, one process: 1.35x fake-quant with these logits on the float path, 1.29x on levels;
+  BENCHMARKS.md). ``softmax @ v`` (one row-sum term) and the dense layers gain on levels.
+  """
+  return not (both_shifted and platform == "cpu")
+
+
 def plan(depth: int, x_levels: LevelRange, w_levels: LevelRange, *, operand: str = "auto",
-         backward: str = "float32", dtype=jnp.float32) -> IntegerPlan | None:
+         backward: str = "float32", dtype=jnp.float32,
+         both_shifted: bool = False) -> IntegerPlan | None:
   """The exact plan for a ``depth``-long contraction of integer levels in the ranges
   ``x_levels`` and ``w_levels`` (inclusive), or None when no operand / accumulator pair
   is exact (the caller keeps fake-quant).
 
   ``operand='auto'`` picks the platform's fastest (``default_operand``) and falls back to
-  wider dtypes when the levels do not fit; a float64 run uses float64 throughout.
+  wider dtypes when the levels do not fit, and keeps fake-quant where the integer form
+  is measured slower on this platform (``levels_pay_off``; ``both_shifted``: both
+  operands carry a move bias). A named operand dtype always runs on levels; a float64
+  run uses float64 throughout.
   """
   if operand not in OPERANDS:
     raise ValueError(f"quant.matmul_operands={operand!r} is not one of {OPERANDS}.")
@@ -107,6 +124,8 @@ def plan(depth: int, x_levels: LevelRange, w_levels: LevelRange, *, operand: str
   if jnp.dtype(dtype) == jnp.float64:
     candidates = ["float64"]
   elif operand == "auto":
+    if not levels_pay_off(jax.default_backend(), both_shifted=both_shifted):
+      return None
     first = default_operand(jax.default_backend())
     candidates = ["int8", "bfloat16", "float32"][["int8", "bfloat16", "float32"].index(first):]
   else:

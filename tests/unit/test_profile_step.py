@@ -49,3 +49,18 @@ def test_operations_are_classed_and_attributed_to_their_function():
   traced = [name for name in durations if name in index.lines]
   assert traced and all(durations[name] > 0 for name in traced)
   assert any(index.kind(name) == "gemm" for name in traced)
+
+
+def test_an_inference_forward_is_all_forward():
+  """``--inference``: without a backward pass, no operation is classed as the update."""
+  rng = np.random.default_rng(1)
+  w = jnp.asarray(rng.normal(size=(64, 64)), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(32, 64)), jnp.float32)
+  compiled = jax.jit(matmul_then_sine).lower(w, x).compile()
+  index = profile_step.HloIndex(compiled.as_text(), training=False)
+  phases = {index.source(n)[0] for n in index.lines
+            if index.source(n)[1].endswith("matmul_then_sine")}
+  assert phases == {"forward"}
+  as_train_step = profile_step.HloIndex(compiled.as_text())
+  assert {as_train_step.source(n)[0] for n in as_train_step.lines
+          if as_train_step.source(n)[1].endswith("matmul_then_sine")} == {"update"}

@@ -132,3 +132,49 @@ def test_gradients_are_the_fake_paths(backward, tol):
   for got, want in ((dx, fdx), (dw, fdw)):  # relative error of the whole gradient
     assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) <= tol
   assert all(float(jnp.max(jnp.abs(r))) == 0.0 for r in rest)
+
+
+def test_auto_keeps_doubly_shifted_products_fake_on_cpu():
+  """``levels_pay_off``: on a CPU, under ``auto``, a product whose operands both carry a
+  move bias stays fake-quant (measured slower on levels there); elsewhere, with a named
+  operand dtype, or in float64, it runs on levels."""
+  two = (-2, 1)
+  on_cpu = jax.default_backend() == "cpu"
+  assert (integer.plan(64, two, two, both_shifted=True, operand="auto") is None) == on_cpu
+  assert not integer.levels_pay_off("cpu", both_shifted=True)
+  assert integer.levels_pay_off("cpu", both_shifted=False)
+  assert integer.levels_pay_off("gpu", both_shifted=True)
+  assert integer.levels_pay_off("tpu", both_shifted=True)
+  assert integer.plan(64, two, two, both_shifted=True, operand="bfloat16").operand == "bfloat16"
+  assert integer.plan(64, two, two, both_shifted=True, dtype=jnp.float64).operand == "float64"
+  assert integer.plan(64, two, two, both_shifted=False) is not None
+
+
+@pytest.mark.parametrize("attention", ["qkr", "standard"])
+@pytest.mark.parametrize("operands", ["auto", "bfloat16"])
+def test_which_attention_products_run_on_levels(attention, operands, monkeypatch):
+  """Counted as a float32 forward is traced: under ``auto`` on a CPU the logits product
+  (both operands shifted) keeps fake-quant and ``softmax @ v`` runs on levels; a named
+  operand dtype puts both on levels. The logits agree with the fake mode's either way."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from ofq_jax.models import calibrate, create_model, model_config  # pylint: disable=import-outside-toplevel
+  depth = 2
+  def build(matmul):
+    config = model_config(None, embed_dim=64, depth=depth, num_heads=2, patch_size=8,
+                          img_size=32, num_classes=5,
+                          quant=dict(enabled=True, attention=attention, weight_bits=4,
+                                     act_bits=4, matmul=matmul, matmul_operands=operands))
+    return create_model(config, 0)
+  images = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  fake = build("fake")
+  calibrate(fake, images)
+  model = build("integer")
+  nnx.update(model, nnx.state(fake))
+  calls = []
+  real = integer.integer_matmul
+  monkeypatch.setattr(integer, "integer_matmul",
+                      lambda *a: calls.append(a[-1].operand) or real(*a))
+  got = model(images, train=False)
+  on_levels = depth * (2 if operands != "auto" or jax.default_backend() != "cpu" else 1)
+  assert len(calls) == on_levels, calls
+  np.testing.assert_allclose(got, fake(images, train=False), atol=2e-5, rtol=0)
