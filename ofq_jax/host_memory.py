@@ -26,6 +26,10 @@ import resource
 
 OPT_OUT_ENV = "OFQ_JAX_HOST_MALLOC"
 _M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8  # glibc's mallopt parameters
+_NEVER_TRIM = -1
+"""glibc stores mallopt's int as a size_t: -1 is SIZE_MAX, never trim. The largest positive
+int (2**31 - 1) still gave back any freed block over 2 GiB: Swin-T's 3.2 GB step buffer
+(W2A2, batch 8) was re-faulted every step."""
 _applied = False
 
 
@@ -49,7 +53,7 @@ def keep_freed_memory() -> bool:
     return False
   del gnu
   ok = all(mallopt(param, value) == 1 for param, value in
-           ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2 ** 31 - 1)))
+           ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _NEVER_TRIM)))
   _applied = ok
   return ok
 

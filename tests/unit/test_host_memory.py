@@ -51,6 +51,36 @@ def test_reused_output_blocks_are_not_faulted_again():
   assert kept < default
 
 
+LARGE_BLOCK = """
+import ctypes, ctypes.util, sys
+from ofq_jax import host_memory
+assert host_memory.keep_freed_memory()
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+size = 2**31 + 2**27  # 2.125 GiB: over the largest positive int glibc's mallopt takes
+faulted = []
+for _ in range(2):
+  before = host_memory.page_faults()
+  block = libc.malloc(size)
+  assert block
+  libc.memset(block, 1, size)
+  libc.free(block)
+  faulted.append((host_memory.page_faults() - before) * 4096 / 2**20)
+print(faulted[-1])
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
+def test_blocks_over_two_gib_are_kept_too():
+  """A freed 2.1 GiB block comes back without new pages (trimming is off, not just set to
+  the largest positive int, which gave such blocks back to the kernel every time)."""
+  out = subprocess.run([sys.executable, "-c", LARGE_BLOCK], check=True, capture_output=True,
+                       text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert float(out.stdout.strip().splitlines()[-1]) < 8
+
+
 def test_opt_out_and_platform_detection(monkeypatch):
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   assert host_memory.cpu_only()
