@@ -64,14 +64,30 @@ def weight_decay_mask(state: nnx.State) -> nnx.State:
   return jax.tree.map_with_path(lambda p, x: decays(state_path(p), x), state)
 
 
+SHARED, OWN = "shared", "own"
+"""``adamw``'s two groups when some parameters have a step count of their own."""
+
+
 def adamw(learning_rate: optax.ScalarOrSchedule, *, weight_decay: float, mask,
           b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
-          grad_clip_norm: float = 0.0) -> optax.GradientTransformation:
-  """torch.optim.AdamW (decoupled decay, bias correction) with optional global-norm clip."""
+          grad_clip_norm: float = 0.0, own_count=None) -> optax.GradientTransformation:
+  """torch.optim.AdamW (decoupled decay, bias correction) with optional global-norm clip.
+
+  ``own_count`` (a pytree of bools like the parameters, or None): those parameters get an
+  AdamW of their own (``optax.partition``), with their own moments and step count, so
+  moments that start at zero in the middle of a run are bias-corrected from their own
+  first step, as in torch, where Adam counts steps per parameter (``cga.include_qk``'s
+  W_qk). The clip stays global; the hyper-parameters are the same for both groups.
+  """
   parts = []
   if grad_clip_norm and grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(grad_clip_norm))
-  parts.append(optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-                           mask=mask))
+  make = lambda: optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                             mask=mask)
+  if own_count is None:
+    parts.append(make())
+  else:
+    labels = jax.tree.map(lambda own: OWN if own else SHARED, own_count)
+    parts.append(optax.partition({SHARED: make(), OWN: make()}, labels))
   return optax.chain(*parts)
 

@@ -15,10 +15,11 @@ student's layout:
   factors, which the product form no longer has, is dropped);
 * ``qk_kernel``'s moments (mu, nu) start at zero: the product had no moments of its
   own in QAT, and those of ``W_q``, ``W_k`` belong to other coordinates (no map takes
-  them to the product's). optax keeps one count for all parameters, so the QAT count
-  stays and the product's first updates are not bias-corrected: with a steady gradient
-  they reach ~6x the steady size within the first tens of steps and settle over ~1000
-  (at CGA's constant ``min_lr``); its in-band entries freeze within them.
+  them to the product's). Its AdamW is a group of its own (``optim.adamw(own_count=)``)
+  whose step count starts at zero too, so its first updates are bias-corrected like a
+  fresh Adam's (torch counts steps per parameter). Under the QAT count they were not:
+  with a steady gradient they reached ~6x the steady size within tens of steps and
+  settled over ~1000, longer than a digits CGA stage.
 
 ``W_qk`` is weight-decayed at the QAT rate, as ``W_q``, ``W_k`` were (timm's rule: a
 weight of more than one dimension); frozen entries are restored, so only the in-band
@@ -34,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ofq_jax import optim
 from ofq_jax.models.attention import QKRAttention
 from ofq_jax.paths import dotted, state_path
 
@@ -49,15 +51,18 @@ def qk_products(graphdef: nnx.GraphDef, params: Any, buffers: Any) -> dict[str, 
           if isinstance(module, QKRAttention) and module.qk_kernel is None}
 
 
-def carry(target: Any, source: Any, fill: Callable[[tuple[str | int, ...], Any], jax.Array]
-          ) -> Any:
+def carry(target: Any, source: Any, fill: Callable[[tuple[str | int, ...], Any], jax.Array],
+          rename: Callable[[str], str | None] = lambda key: key) -> Any:
   """``target``'s structure (abstract leaves) with each leaf taken from ``source`` at the
   same key path (same shape and dtype, else a KeyError); ``fill(state path, abstract
-  leaf)`` makes the leaves ``source`` does not have. Extra ``source`` leaves are dropped."""
+  leaf)`` makes the leaves ``source`` does not have. ``rename`` maps a target key path
+  (``jax.tree_util.keystr``) to the source's (None: not in the source). Extra ``source``
+  leaves are dropped."""
   found = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(source)[0]}
 
   def take(path, leaf):
-    value = found.get(jax.tree_util.keystr(path))
+    key = rename(jax.tree_util.keystr(path))
+    value = None if key is None else found.get(key)
     if value is None:
       return fill(state_path(path), leaf)
     if (tuple(value.shape), value.dtype) != (tuple(leaf.shape), leaf.dtype):
@@ -75,9 +80,20 @@ def _product_param(products: dict[str, jax.Array]):
   return fill
 
 
+_GROUP = ".inner_states['{}'].inner_state"
+
+
+def _qat_optimizer_key(key: str) -> str | None:
+  """The QAT AdamW's key path of a CGA optimizer entry: the shared group's entries are
+  the QAT ones; the product's own group (moments and count) is new."""
+  if _GROUP.format(optim.OWN) in key:
+    return None
+  return key.replace(_GROUP.format(optim.SHARED), "")
+
+
 def _zero_moment(path, leaf):
-  """AdamW's moments (any parameter-shaped optimizer entry) of ``qk_kernel``: zero."""
-  if path[-1] != PRODUCT:
+  """The product's own AdamW group (its moments and its step count): zero."""
+  if optim.OWN not in path:
     raise KeyError(f"optimizer entry {dotted(path)} is not in the QAT state")
   return jnp.zeros(leaf.shape, leaf.dtype)
 
@@ -98,7 +114,8 @@ def to_product_form(state: State, qat_graphdef: nnx.GraphDef, target: State,
   def convert(params, buffers, opt_state, tracker):
     products = qk_products(qat_graphdef, params, buffers)
     out = {"params": carry(target["params"], params, _product_param(products)),
-           "opt_state": carry(target["opt_state"], opt_state, _zero_moment)}
+           "opt_state": carry(target["opt_state"], opt_state, _zero_moment,
+                              _qat_optimizer_key)}
     if tracker is not None:
       out["tracker"] = carry(target["tracker"], tracker, _missing)
     return out

@@ -41,6 +41,7 @@ from ofq_jax.models import calibrate, create_model, float_config, quantized_conf
 from ofq_jax.models.config import PRECISIONS, qk_form, with_qk_form
 from ofq_jax.models.quantizers import QuantBuffer
 from ofq_jax.models.rounded import cga_targets
+from ofq_jax.paths import state_path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,13 +121,17 @@ def load_teacher(config, workdir: str) -> nnx.Module:
   return load_float_model(config.qat.teacher, workdir, model)
 
 
-def _adamw(config, hyper, schedule: optax.Schedule, student: nnx.Module
-           ) -> optax.GradientTransformation:
+def _adamw(config, hyper, schedule: optax.Schedule, student: nnx.Module, *,
+           own_count_for_product: bool = False) -> optax.GradientTransformation:
+  """The stage's AdamW; ``own_count_for_product``: QKR's ``W_qk`` parameters (the product
+  form, ``cga.include_qk``) get their own moments and step count (``optim.adamw``)."""
   params = nnx.state(student, nnx.Param)
+  own = (jax.tree.map_with_path(lambda p, _: state_path(p)[-1] == product_form.PRODUCT, params)
+         if own_count_for_product else None)
   return optim.adamw(schedule, weight_decay=hyper.weight_decay,
                      mask=optim.weight_decay_mask(params), b1=config.optim.b1,
                      b2=config.optim.b2, eps=config.optim.eps,
-                     grad_clip_norm=config.optim.grad_clip_norm)
+                     grad_clip_norm=config.optim.grad_clip_norm, own_count=own)
 
 
 def _epoch_schedule(hyper, run: Run) -> optax.Schedule:
@@ -193,7 +198,9 @@ def build_cga_plan(config, run: Run) -> StagePlan:
                          cga_targets(student, cga.stage_targets(hyper)))
   min_lr = config.qat.min_lr
   schedule = lambda count: jnp.full((), min_lr, jnp.float32)  # constant, no cooldown
-  tx = cga.cga(_adamw(config, config.qat, schedule, student), bits, hyper.boundary_range)
+  tx = cga.cga(_adamw(config, config.qat, schedule, student,
+                      own_count_for_product=cga.include_qk(hyper)),
+               bits, hyper.boundary_range)
 
   def end_metrics(state: step.State) -> dict[str, float]:
     """Frozen share of the final (post-step) weights."""
@@ -265,7 +272,8 @@ def _to_product_form(state: step.State, qat_spec: step.StateSpec, spec: step.Sta
     state = product_form.to_product_form(
         {k: v for k, v in state.items() if k != "tracker"}, qat_spec.graphdef,
         {k: v for k, v in target.items() if k != "tracker"}, shardings)
-  _log("[cga] cga.include_qk: W_qk = W_q^T W_k of the QAT factors, with zero AdamW moments")
+  _log("[cga] cga.include_qk: W_qk = W_q^T W_k of the QAT factors; its AdamW moments and "
+       "step count start at zero")
   return state
 
 

@@ -15,7 +15,7 @@ import optax
 import pytest
 from flax import nnx
 
-from ofq_jax import cga, export, losses, sharding, stages, step
+from ofq_jax import cga, export, losses, optim, sharding, stages, step
 from ofq_jax.checkpointing import Checkpointer, save_model_dir
 from ofq_jax.data import build
 from ofq_jax.errors import UserError, one_line
@@ -150,11 +150,23 @@ def _random_moments(adam: optax.ScaleByAdamState, rng) -> optax.ScaleByAdamState
                        nu=jax.tree.map(lambda x: np.abs(draw(x)), adam.nu))
 
 
-def _adam(opt_state) -> optax.ScaleByAdamState:
-  found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(
+def _adams(opt_state) -> list[optax.ScaleByAdamState]:
+  return [s for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(
       s, optax.ScaleByAdamState)) if isinstance(s, optax.ScaleByAdamState)]
+
+
+def _adam(opt_state) -> optax.ScaleByAdamState:
+  found = _adams(opt_state)
   assert len(found) == 1
   return found[0]
+
+
+def _adam_groups(opt_state) -> dict[str, optax.ScaleByAdamState]:
+  """``{group: its Adam state}`` of ``optim.adamw(own_count=...)`` (optax.partition)."""
+  partitions = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(
+      s, optax.transforms.PartitionState)) if isinstance(s, optax.transforms.PartitionState)]
+  assert len(partitions) == 1
+  return {group: _adam(inner) for group, inner in partitions[0].inner_states.items()}
 
 
 def _cga_start(run, include_qk: bool):
@@ -199,7 +211,7 @@ def with_qk(qat):
 def test_qat_state_becomes_the_product_form(qat, with_qk):
   """W_qk = W_q^T W_k of the QAT factors (as the QAT forward computes it); every other
   parameter, its moments, the count, the buffers and the tracker carried over; W_qk's
-  moments zero."""
+  moments zero in an AdamW group of its own whose count is zero too."""
   run, saved = qat
   _, plan, _, state = with_qk
   qat_model = create_model(quantized_config(run.config.model))
@@ -209,14 +221,18 @@ def test_qat_state_becomes_the_product_form(qat, with_qk):
   params, qat_params = _flat(sharding.to_host(state["params"])), _flat(saved["params"])
   assert set(params) - set(qat_params) == {QK}
   assert set(qat_params) - set(params) == {"blocks.0.attn.q_kernel", "blocks.0.attn.k_kernel"}
-  adam = sharding.to_host(_adam(state["opt_state"].inner))
+  groups = sharding.to_host(_adam_groups(state["opt_state"].inner))
+  adam, own = groups[optim.SHARED], groups[optim.OWN]
   qat_adam = _adam(saved["opt_state"])
   assert int(adam.count) == int(qat_adam.count) == 7
+  assert int(own.count) == 0
   for moment in ("mu", "nu"):
     new, old = _flat(getattr(adam, moment)), _flat(getattr(qat_adam, moment))
-    assert np.all(new.pop(QK) == 0.0)
+    assert set(old) - set(new) == {"blocks.0.attn.q_kernel", "blocks.0.attn.k_kernel"}
     for name, value in new.items():
       np.testing.assert_array_equal(value, old[name], err_msg=f"{moment} {name}")
+    product_moment = _flat(getattr(own, moment))
+    assert set(product_moment) == {QK} and np.all(product_moment[QK] == 0.0)
   for name, value in params.items():
     if name != QK:
       np.testing.assert_array_equal(value, qat_params[name], err_msg=name)
@@ -229,6 +245,35 @@ def test_qat_state_becomes_the_product_form(qat, with_qk):
   for name, value in tracker.items():  # incl. the qk_product's: same name, same shape
     np.testing.assert_array_equal(value, qat_tracker[name], err_msg=name)
   assert plan.student.config.quant.qk_form == "product"
+
+
+def test_first_product_update_is_a_fresh_adams(with_qk):
+  """W_qk's own Adam count makes its first update bias-corrected: a trainable entry moves
+  by lr * |g / |g| + wd * w| ~ lr (the formula), where under the QAT count t it moved by
+  lr * (1 - b1) / (1 - b1^(t+1)) / sqrt((1 - b2) / (1 - b2^(t+1))): 0.49 lr at this
+  fixture's t = 7, ~3.2 lr at a run's thousands; the shared group's count goes on."""
+  config, plan, spec, state = with_qk
+  state = sharding.place(sharding.to_host(state), spec.shardings)  # the step donates it
+  train_step = step.make_train_step(spec, losses.stage_loss(distill=False, num_classes=10),
+                                    plan.tx, plan.schedule)
+  bits = cga.target_bits(state["params"],
+                         cga_targets(plan.student, cga.stage_targets(config.cga)))
+  frozen = np.asarray(cga.frozen_masks(state["params"], bits, config.cga.boundary_range)
+                      ["blocks"][0]["attn"]["qk_kernel"])
+  before = np.asarray(sharding.to_host(state["params"])["blocks"][0]["attn"]["qk_kernel"])
+  rng = np.random.default_rng(4)
+  batch = {"image": rng.normal(size=(8, 16, 16, 3)).astype(np.float32),
+           "label": rng.integers(0, 10, size=8).astype(np.int32)}
+  state, _ = train_step(state, sharding.global_batch(batch, spec.mesh))
+  after = np.asarray(sharding.to_host(state["params"])["blocks"][0]["attn"]["qk_kernel"])
+  lr, wd = config.qat.min_lr, config.qat.weight_decay
+  step_size = np.abs(after - before)[~frozen] / lr
+  decay = np.abs(wd * before[~frozen])
+  moved = step_size > 1e-3  # the others had no gradient (StatsQ's clipped entries)
+  assert moved.sum() >= 5, step_size
+  assert np.all(np.abs(step_size[moved] - 1.0) <= decay[moved] + 1e-2), step_size[moved]
+  groups = sharding.to_host(_adam_groups(state["opt_state"].inner))
+  assert int(groups[optim.OWN].count) == 1 and int(groups[optim.SHARED].count) == 8
 
 
 def test_frozen_qk_entries_stay_bit_exact_through_cga_steps(with_qk):
