@@ -141,7 +141,7 @@ def execute(run: Run) -> dict:
   if run.summary_path.exists():
     summary = json.loads(run.summary_path.read_text())
     if not summary.get("preempted"):
-      return summary
+      return dict(summary, reused=True)
   run.workdir.mkdir(parents=True, exist_ok=True)
   command = [sys.executable, "-m", "ofq_jax.main", f"--workdir={run.workdir}"] + run.args
   with open(run.workdir / "log.txt", "w", encoding="utf-8") as log:
@@ -363,15 +363,18 @@ def report(args, rows, results, wall: float, command: str) -> str:
   dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
                          capture_output=True, text=True, check=False).stdout.strip()
   trained = sum(r.get("wall_seconds", 0.0) for r in results.values()) / 60
+  reused = sum(1 for r in results.values() if r.get("reused"))
   lines = [
       "# OFQ ablation on scikit-learn digits", "",
-      "Produced in one run by `bench/ablation_digits.py` (do not edit by hand). Regenerate:", "",
+      "Produced by `bench/ablation_digits.py` (do not edit by hand). Regenerate:", "",
       "```", command, "```", "",
       f"- date: {datetime.date.today().isoformat()}; machine: {platform.machine()} "
       f"{os.cpu_count()} CPU cores, {platform.system()}; commit {commit or '?'}"
       f"{' (uncommitted changes)' if dirty else ''}; wall time {wall / 60:.1f} min "
       f"({len(results)} runs, {trained:.1f} min of training summed over runs; {args.jobs} at "
-      "a time).",
+      f"a time; {len(results) - reused} trained by this invocation"
+      + (f", {reused} reused from the workdir, where an earlier invocation of the same "
+         "command trained them" if reused else "") + ").",
       "- data: digits 8x8 images resized to 16 px, fixed stratified 80/20 split (1437 / 360 "
       "images); models (configs/digits.py): DeiT with embed 96, depth 4, 3 heads, patch 4; "
       "Swin with embed 48, depths 2-2, heads 2-4, window 4, patch 2.",
