@@ -44,9 +44,6 @@ def _float_file_bytes(model: nnx.Module, directory: str) -> int:
   return os.path.getsize(path)
 
 
-VARIANTS = ("float", "fake-quant", "packed integer")
-
-
 def build_variants(name: str, bits: int, images: jax.Array, directory: str
                    ) -> dict[str, tuple[nnx.Module, int | None]]:
   """``variant -> (model, file bytes)``: the float32 DeiT, the quantized model calibrated
