@@ -33,18 +33,25 @@ def _maybe_lsq(spec: QuantSpec):
 
 class Operand(NamedTuple):
   """A product's operand: the value fake-quant multiplies and, when quantized, its
-  integer form ``levels * unit + shift`` (``ofq_jax.quant.integer.integer_matmul``)."""
+  integer form ``levels * unit + shift`` (``ofq_jax.quant.integer.integer_matmul``).
+
+  ``levels`` stay in the layout they were made in; ``levels_axes`` (None: unmoved) is
+  the permutation that gives them this operand's axes, which the integer product reads
+  as dot dimensions rather than a transposed copy (``integer._levels_product``)."""
   value: jax.Array
   levels: jax.Array | None = None
   unit: jax.Array | None = None
   shift: jax.Array | None = None
   level_range: tuple[int, int] | None = None
+  levels_axes: tuple[int, ...] | None = None
 
   def transpose(self, axes: tuple[int, ...]) -> Operand:
-    """The same operand with every part's axes permuted."""
+    """The same operand with every part's axes permuted (the levels' only on paper)."""
     move = lambda t: None if t is None else jnp.transpose(t, axes)
-    return Operand(move(self.value), move(self.levels), move(self.unit), move(self.shift),
-                   self.level_range)
+    stored = self.levels_axes or tuple(range(len(axes)))
+    return Operand(move(self.value), self.levels, move(self.unit), move(self.shift),
+                   self.level_range,
+                   None if self.levels is None else tuple(stored[i] for i in axes))
 
 
 def quantize_operand(x: jax.Array, quantizer: LsqQuantizer | None,
@@ -61,24 +68,18 @@ def quantize_operand(x: jax.Array, quantizer: LsqQuantizer | None,
   return Operand(value, levels, unit, shift, quantizer.level_range)
 
 
-def integer_product(spec: QuantSpec, a: Operand, b: Operand, *,
-                    both_shifted: bool | None = None) -> jax.Array | None:
+def integer_product(spec: QuantSpec, a: Operand, b: Operand) -> jax.Array | None:
   """``a @ b`` on integer levels (batched, ``(..., M, K) @ (..., K, N)``), or None when
-  the mode is fake, an operand is unquantized, the sums would not be exact or the plan
-  keeps fake-quant on this platform. ``both_shifted`` (default: whether both operands
-  carry a shift) says whether both operands of the product as the model sees it carry a
-  move bias, also when the caller adds those terms itself."""
+  the mode is fake, an operand is unquantized or the sums would not be exact."""
   if spec.matmul != "integer" or a.levels is None or b.levels is None:
     return None
-  if both_shifted is None:
-    both_shifted = a.shift is not None and b.shift is not None
   how = integer.plan(a.value.shape[-1], a.level_range, b.level_range,
                      operand=spec.matmul_operands, backward=spec.matmul_backward,
-                     dtype=a.value.dtype, both_shifted=both_shifted)
+                     dtype=a.value.dtype)
   if how is None:
     return None
   return integer.integer_matmul(a.value, b.value, a.levels, a.unit, a.shift, b.levels, b.unit,
-                                b.shift, how)
+                                b.shift, how, (a.levels_axes, b.levels_axes))
 
 
 def _scaled(logits: jax.Array, head_dim: int, bias: jax.Array | None) -> jax.Array:
@@ -145,7 +146,7 @@ class StandardAttention(nnx.Module):
     v = quantize_operand(jnp.reshape(v, (batch, tokens, dim)), self.v_quant,
                          self.move_v_aft[...] if acts else None)
     v = Operand(*(None if t is None else jnp.reshape(t, t.shape[:-1] + (heads, head_dim))
-                  for t in v[:4]), v.level_range)
+                  for t in v[:4]), v.level_range, v.levels_axes)
     q, k, v = (t.transpose((0, 2, 1, 3)) for t in (q, k, v))  # (B, H, N, d)
     logits = integer_product(self.spec, q, k.transpose((0, 1, 3, 2)))
     if logits is None:
@@ -287,7 +288,7 @@ class QKRAttention(nnx.Module, RoundsTensors):
       columns = Operand(key_values, flat(keys.levels),
                         jnp.reshape(keys.unit, (1, tokens * heads, 1)), None,
                         keys.level_range).transpose((0, 2, 1))
-      logits = integer_product(self.spec, queries, columns, both_shifted=True)
+      logits = integer_product(self.spec, queries, columns)
       if logits is not None:
         highest = jax.lax.Precision.HIGHEST
         query_term = jnp.reshape(jnp.matmul(jnp.reshape(key_values, (-1, dim)), query_shift,
@@ -320,7 +321,7 @@ class QKRAttention(nnx.Module, RoundsTensors):
     v = quantize_operand(v + self.move_v_b4[...] if acts else v, self.v_quant,
                          self.move_v_aft[...] if acts else None)
     v = Operand(*(None if t is None else jnp.reshape(t, t.shape[:-1] + (heads, head_dim))
-                  for t in v[:4]), v.level_range).transpose((0, 2, 1, 3))  # (B, H, N, d)
+                  for t in v[:4]), v.level_range, v.levels_axes).transpose((0, 2, 1, 3))
 
     # Key side: t[b, j, h, r] = sum_c W_qk[h, r, c] xq[b, j, c], one GEMM over all heads.
     wqk_2d = _product_columns(self.quantized_qk_product())

@@ -90,31 +90,17 @@ def _holds(dtype: str, levels: LevelRange) -> bool:
   return lo <= levels[0] and levels[1] <= hi
 
 
-def levels_pay_off(platform: str, *, both_shifted: bool) -> bool:
-  """Whether, under ``operands='auto'``, a product is faster on integer levels here.
-
-  Not on a CPU for an activation-by-activation product whose operands both carry a move
-  bias (QKR's logits, standard attention's q.k): its integer form adds two correction
-  terms, a pass over each operand, and XLA:CPU fused the levels' conversion into the
-  batched dot and ran it in float32, so nothing paid for them (DeiT-T W2A2 packed at batch
-  64, one process: 1.35x fake-quant with these logits on the float path, 1.29x on levels;
-  BENCHMARKS.md). ``softmax @ v`` (one row-sum term) and the dense layers gain on levels.
-  """
-  return not (both_shifted and platform == "cpu")
-
-
 def plan(depth: int, x_levels: LevelRange, w_levels: LevelRange, *, operand: str = "auto",
-         backward: str = "float32", dtype=jnp.float32,
-         both_shifted: bool = False) -> IntegerPlan | None:
+         backward: str = "float32", dtype=jnp.float32) -> IntegerPlan | None:
   """The exact plan for a ``depth``-long contraction of integer levels in the ranges
   ``x_levels`` and ``w_levels`` (inclusive), or None when no operand / accumulator pair
   is exact (the caller keeps fake-quant).
 
   ``operand='auto'`` picks the platform's fastest (``default_operand``) and falls back to
-  wider dtypes when the levels do not fit, and keeps fake-quant where the integer form
-  is measured slower on this platform (``levels_pay_off``; ``both_shifted``: both
-  operands carry a move bias). A named operand dtype always runs on levels; a float64
-  run uses float64 throughout.
+  wider dtypes when the levels do not fit. On a CPU every product gains on levels now
+  that none reads a transposed copy (``_levels_product``; packed DeiT-S at batch 64 with
+  its QKR logits on levels vs float32: 1.69x vs 1.53x the fake-quant eval, BENCHMARKS.md).
+  A float64 run uses float64 throughout.
   """
   if operand not in OPERANDS:
     raise ValueError(f"quant.matmul_operands={operand!r} is not one of {OPERANDS}.")
@@ -124,8 +110,6 @@ def plan(depth: int, x_levels: LevelRange, w_levels: LevelRange, *, operand: str
   if jnp.dtype(dtype) == jnp.float64:
     candidates = ["float64"]
   elif operand == "auto":
-    if not levels_pay_off(jax.default_backend(), both_shifted=both_shifted):
-      return None
     first = default_operand(jax.default_backend())
     candidates = ["int8", "bfloat16", "float32"][["int8", "bfloat16", "float32"].index(first):]
   else:
@@ -214,10 +198,40 @@ def _times_shift(a: jax.Array, shift: jax.Array) -> jax.Array:
   return jnp.matmul(a, shift, precision=jax.lax.Precision.HIGHEST)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+Axes = tuple[int, ...] | None
+
+
+def _levels_product(levels_a: jax.Array, levels_b: jax.Array, axes: tuple[Axes, Axes],
+                    how: IntegerPlan) -> jax.Array:
+  """``levels_a @ levels_b`` in the plan's operand dtype, each operand given in its own
+  memory layout: the logical operand is ``jnp.transpose(levels, axes)`` (None: as is).
+
+  One ``dot_general`` over the stored layouts instead of a transposed copy: XLA:CPU
+  upcasts a bf16 dot whose operand is a transpose to float32 (its operand upcaster runs
+  before layout assignment), so a product fed ``levels.transpose(...)`` ran in float32
+  (DeiT-T packed, softmax @ v: 7.6 ms per block at batch 64 instead of ~6)."""
+  operand, accumulator = jnp.dtype(how.operand), jnp.dtype(how.accumulator)
+  rank = levels_a.ndim
+  axes_a, axes_b = (tuple(range(rank)) if t is None else t for t in axes)
+  batch = tuple(range(rank - 2))
+  batch_a, batch_b = tuple(axes_a[i] for i in batch), tuple(axes_b[i] for i in batch)
+  if [levels_a.shape[i] for i in batch_a] != [levels_b.shape[i] for i in batch_b]:
+    # Broadcast batch axes: dot_general has none, so the logical operands it is.
+    logical = lambda t, ax: jnp.transpose(t, ax).astype(operand)
+    return jnp.matmul(logical(levels_a, axes_a), logical(levels_b, axes_b),
+                      preferred_element_type=accumulator)
+  dims = (((axes_a[rank - 1],), (axes_b[rank - 2],)), (batch_a, batch_b))
+  sums = jax.lax.dot_general(levels_a.astype(operand), levels_b.astype(operand), dims,
+                             preferred_element_type=accumulator)
+  # dot_general's output: the batch axes, then a's free axis (M), then b's (N).
+  return sums
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
 def integer_matmul(a: jax.Array, b: jax.Array, levels_a: jax.Array, unit_a: jax.Array,
                    shift_a: jax.Array | None, levels_b: jax.Array, unit_b: jax.Array,
-                   shift_b: jax.Array | None, how: IntegerPlan) -> jax.Array:
+                   shift_b: jax.Array | None, how: IntegerPlan,
+                   levels_axes: tuple[Axes, Axes] = (None, None)) -> jax.Array:
   """Batched ``a @ b`` (``(..., M, K) @ (..., K, N)``) computed on integer levels.
 
   ``a = unit_a * levels_a + shift_a`` with ``unit_a`` of size 1 on the contracted axis
@@ -225,11 +239,11 @@ def integer_matmul(a: jax.Array, b: jax.Array, levels_a: jax.Array, unit_a: jax.
   shift_b`` with ``unit_b`` of size 1 on K and ``shift_b`` constant along N
   (``(..., K, 1)``) or along K (``(..., 1, N)``), or None. The shift terms are
   ``a @ shift_b + shift_a @ b - shift_a @ shift_b`` (matrix-vector work, float32).
-  Gradients: the fake matmul's, for ``a`` and ``b`` only.
+  ``levels_axes``: each operand's levels as stored, the logical levels being
+  ``jnp.transpose(levels, axes)`` (``_levels_product``); values, units and shifts are
+  logical. Gradients: the fake matmul's, for ``a`` and ``b`` only.
   """
-  operand = jnp.dtype(how.operand)
-  sums = jnp.matmul(levels_a.astype(operand), levels_b.astype(operand),
-                    preferred_element_type=jnp.dtype(how.accumulator))
+  sums = _levels_product(levels_a, levels_b, levels_axes, how)
   out = sums.astype(a.dtype) * unit_a * unit_b
   if shift_b is not None:
     out = out + _times_shift(a, shift_b)
@@ -240,12 +254,15 @@ def integer_matmul(a: jax.Array, b: jax.Array, levels_a: jax.Array, unit_a: jax.
   return out
 
 
-def _integer_matmul_fwd(a, b, levels_a, unit_a, shift_a, levels_b, unit_b, shift_b, how):
-  out = integer_matmul(a, b, levels_a, unit_a, shift_a, levels_b, unit_b, shift_b, how)
+def _integer_matmul_fwd(a, b, levels_a, unit_a, shift_a, levels_b, unit_b, shift_b, how,
+                        levels_axes):
+  out = integer_matmul(a, b, levels_a, unit_a, shift_a, levels_b, unit_b, shift_b, how,
+                       levels_axes)
   return out, (a, b, levels_a, unit_a, shift_a, levels_b, unit_b, shift_b)
 
 
-def _integer_matmul_bwd(how, residuals, g):
+def _integer_matmul_bwd(how, levels_axes, residuals, g):
+  del levels_axes
   a, b, *described = residuals
   # Batched with broadcast batch axes: the fake matmul's own VJP does the bookkeeping,
   # at the plan's precision (no bf16 cast here: the dense layers hold most of the FLOPs).

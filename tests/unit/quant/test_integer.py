@@ -1,6 +1,8 @@
 """Integer-domain matmul (ofq_jax.quant.integer) against float fake-quant and a float64
 reference product: random sizes and bit-widths, the exact-accumulation bound, gradients."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -134,28 +136,58 @@ def test_gradients_are_the_fake_paths(backward, tol):
   assert all(float(jnp.max(jnp.abs(r))) == 0.0 for r in rest)
 
 
-def test_auto_keeps_doubly_shifted_products_fake_on_cpu():
-  """``levels_pay_off``: on a CPU, under ``auto``, a product whose operands both carry a
-  move bias stays fake-quant (measured slower on levels there); elsewhere, with a named
-  operand dtype, or in float64, it runs on levels."""
-  two = (-2, 1)
-  on_cpu = jax.default_backend() == "cpu"
-  assert (integer.plan(64, two, two, both_shifted=True, operand="auto") is None) == on_cpu
-  assert not integer.levels_pay_off("cpu", both_shifted=True)
-  assert integer.levels_pay_off("cpu", both_shifted=False)
-  assert integer.levels_pay_off("gpu", both_shifted=True)
-  assert integer.levels_pay_off("tpu", both_shifted=True)
-  assert integer.plan(64, two, two, both_shifted=True, operand="bfloat16").operand == "bfloat16"
-  assert integer.plan(64, two, two, both_shifted=True, dtype=jnp.float64).operand == "float64"
-  assert integer.plan(64, two, two, both_shifted=False) is not None
+@pytest.mark.parametrize("seed", [0, 1])
+def test_levels_read_in_their_stored_layout(seed):
+  """``_levels_product`` with permuted operands equals ``jnp.matmul`` of the transposed
+  levels (an independent formulation), exactly: integer sums in float32. Covers a batch
+  axis that is not leading in storage (softmax @ v's values) and broadcast batch axes
+  (the fallback)."""
+  rng = np.random.default_rng(seed)
+  how = integer.plan(32, (-8, 7), (-8, 7), operand="bfloat16")
+  ints = lambda *shape: jnp.asarray(rng.integers(-8, 8, size=shape), jnp.float32)
+  a = ints(3, 2, 5, 32)                  # (B, H, M, K) as stored
+  b = ints(3, 32, 2, 6)                  # (B, K, H, N): logical (B, H, K, N) via (0, 2, 1, 3)
+  want = jnp.matmul(a, jnp.transpose(b, (0, 2, 1, 3)), precision="highest")
+  got = integer._levels_product(a, b, (None, (0, 2, 1, 3)), how)
+  np.testing.assert_array_equal(got, want)
+  b_nk = ints(3, 2, 6, 32)               # (B, H, N, K): logical (B, H, K, N) via (0, 1, 3, 2)
+  got = integer._levels_product(a, b_nk, (None, (0, 1, 3, 2)), how)
+  np.testing.assert_array_equal(got, jnp.matmul(a, jnp.swapaxes(b_nk, 2, 3),
+                                                precision="highest"))
+  shared = ints(1, 2, 32, 6)             # one batch entry broadcast over B
+  got = integer._levels_product(a, shared, (None, None), how)
+  np.testing.assert_array_equal(got, jnp.matmul(a, shared, precision="highest"))
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's operand upcaster")
+def test_a_permuted_operand_keeps_the_bf16_dot_on_cpu():
+  """The reason for stored layouts: XLA:CPU upcast a bf16 dot fed a transposed copy to
+  float32 (the product then ran at the float32 rate). Every dot of the compiled integer
+  softmax @ v (values stored token-major, as the attention makes them) has bf16 operands."""
+  how = integer.plan(64, (0, 3), (-2, 1), operand="bfloat16")
+  probs = jnp.round(jax.random.uniform(jax.random.key(0), (2, 3, 16, 16)) * 3)
+  values = jnp.round(jax.random.normal(jax.random.key(1), (2, 16, 3, 8))).clip(-2, 1)
+  unit_p, unit_v = jnp.full((2, 3, 16, 1), 0.3), jnp.full((1, 3, 1, 8), 0.2)
+  def attend(p, v):
+    logical = jnp.transpose(v, (0, 2, 1, 3))
+    return integer.integer_matmul(p * unit_p, logical * unit_v, p, unit_p, None, v, unit_v,
+                                  None, how, (None, (0, 2, 1, 3)))
+  text = jax.jit(attend).lower(probs, values).compile().as_text()
+  shapes = {m.group(1): m.group(2) for m in re.finditer(r"%([\w.\-]+) = (\w+)\[", text)}
+  dots = re.findall(r" dot\(%([\w.\-]+), %([\w.\-]+)\)", text)
+  assert dots, text
+  assert all(shapes[x] == shapes[y] == "bf16" for x, y in dots), dots
+  np.testing.assert_allclose(attend(probs, values),
+                             jnp.matmul(probs * unit_p, jnp.transpose(values, (0, 2, 1, 3))
+                                        * unit_v, precision="highest"), rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("attention", ["qkr", "standard"])
 @pytest.mark.parametrize("operands", ["auto", "bfloat16"])
 def test_which_attention_products_run_on_levels(attention, operands, monkeypatch):
-  """Counted as a float32 forward is traced: under ``auto`` on a CPU the logits product
-  (both operands shifted) keeps fake-quant and ``softmax @ v`` runs on levels; a named
-  operand dtype puts both on levels. The logits agree with the fake mode's either way."""
+  """Counted as a float32 forward is traced: both attention products (the logits and
+  ``softmax @ v``) run on levels, under ``auto`` as with a named operand dtype, and the
+  model's output agrees with the fake mode's."""
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from ofq_jax.models import calibrate, create_model, model_config  # pylint: disable=import-outside-toplevel
   depth = 2
@@ -173,8 +205,7 @@ def test_which_attention_products_run_on_levels(attention, operands, monkeypatch
   calls = []
   real = integer.integer_matmul
   monkeypatch.setattr(integer, "integer_matmul",
-                      lambda *a: calls.append(a[-1].operand) or real(*a))
+                      lambda *a: calls.append(a[8].operand) or real(*a))
   got = model(images, train=False)
-  on_levels = depth * (2 if operands != "auto" or jax.default_backend() != "cpu" else 1)
-  assert len(calls) == on_levels, calls
+  assert len(calls) == 2 * depth, calls
   np.testing.assert_allclose(got, fake(images, train=False), atol=2e-5, rtol=0)
