@@ -291,8 +291,11 @@ class QKRAttention(nnx.Module, RoundsTensors):
       logits = integer_product(self.spec, queries, columns)
       if logits is not None:
         highest = jax.lax.Precision.HIGHEST
-        query_term = jnp.reshape(jnp.matmul(jnp.reshape(key_values, (-1, dim)), query_shift,
-                                            precision=highest), (batch, tokens * heads))
+        # m . (keys - a_h) as keys . m - a_h . m: no pass over the keys to subtract a_h.
+        query_term = (jnp.matmul(jnp.reshape(keys.value, (-1, dim)), query_shift,
+                                 precision=highest).reshape(batch, tokens, heads)
+                      - jnp.matmul(keys.shift[0, 0], query_shift, precision=highest))
+        query_term = jnp.reshape(query_term, (batch, tokens * heads))
         key_term = jnp.einsum("bir,hr->bih", xq, keys.shift[0, 0], precision=highest)
         logits = (jnp.reshape(logits + query_term[:, None, :], (batch, tokens, tokens, heads))
                   + key_term[:, :, None])
