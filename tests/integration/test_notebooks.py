@@ -43,6 +43,8 @@ def test_notebooks_are_stored_without_outputs():
   for path in sorted(COLABS.glob("*.ipynb")):
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
+    ids = [cell.get("id") for cell in nb.cells]  # nbformat >= 4.5 will require them
+    assert None not in ids and len(set(ids)) == len(ids), path.name
     for cell in nb.cells:
       if cell.cell_type == "code":
         assert not cell.outputs and cell.execution_count is None, path.name
