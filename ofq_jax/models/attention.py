@@ -45,6 +45,14 @@ class Operand(NamedTuple):
   level_range: tuple[int, int] | None = None
   levels_axes: tuple[int, ...] | None = None
 
+  def split_heads(self, heads: int, head_dim: int) -> Operand:
+    """``(..., heads * head_dim)`` parts as ``(..., heads, head_dim)`` (before any
+    transpose: the levels are reshaped as stored)."""
+    assert self.levels_axes is None, "split heads before transposing"
+    split = lambda t: None if t is None else jnp.reshape(t, t.shape[:-1] + (heads, head_dim))
+    return Operand(split(self.value), split(self.levels), split(self.unit), split(self.shift),
+                   self.level_range)
+
   def transpose(self, axes: tuple[int, ...]) -> Operand:
     """The same operand with every part's axes permuted (the levels' only on paper)."""
     move = lambda t: None if t is None else jnp.transpose(t, axes)
@@ -145,8 +153,7 @@ class StandardAttention(nnx.Module):
     k = quantize_operand(k, self.k_quant, per_head(self.move_k_aft) if acts else None)
     v = quantize_operand(jnp.reshape(v, (batch, tokens, dim)), self.v_quant,
                          self.move_v_aft[...] if acts else None)
-    v = Operand(*(None if t is None else jnp.reshape(t, t.shape[:-1] + (heads, head_dim))
-                  for t in v[:4]), v.level_range, v.levels_axes)
+    v = v.split_heads(heads, head_dim)
     q, k, v = (t.transpose((0, 2, 1, 3)) for t in (q, k, v))  # (B, H, N, d)
     logits = integer_product(self.spec, q, k.transpose((0, 1, 3, 2)))
     if logits is None:
@@ -292,10 +299,10 @@ class QKRAttention(nnx.Module, RoundsTensors):
       if logits is not None:
         highest = jax.lax.Precision.HIGHEST
         # m . (keys - a_h) as keys . m - a_h . m: no pass over the keys to subtract a_h.
-        query_term = (jnp.matmul(jnp.reshape(keys.value, (-1, dim)), query_shift,
-                                 precision=highest).reshape(batch, tokens, heads)
-                      - jnp.matmul(keys.shift[0, 0], query_shift, precision=highest))
-        query_term = jnp.reshape(query_term, (batch, tokens * heads))
+        query_term = jnp.reshape(
+            jnp.matmul(keys.value, query_shift, precision=highest)
+            - jnp.matmul(keys.shift[0, 0], query_shift, precision=highest),
+            (batch, tokens * heads))
         key_term = jnp.einsum("bir,hr->bih", xq, keys.shift[0, 0], precision=highest)
         logits = (jnp.reshape(logits + query_term[:, None, :], (batch, tokens, tokens, heads))
                   + key_term[:, :, None])
@@ -323,8 +330,7 @@ class QKRAttention(nnx.Module, RoundsTensors):
                         self._weight_levels("v_kernel")) + self.v_bias[...]
     v = quantize_operand(v + self.move_v_b4[...] if acts else v, self.v_quant,
                          self.move_v_aft[...] if acts else None)
-    v = Operand(*(None if t is None else jnp.reshape(t, t.shape[:-1] + (heads, head_dim))
-                  for t in v[:4]), v.level_range, v.levels_axes).transpose((0, 2, 1, 3))
+    v = v.split_heads(heads, head_dim).transpose((0, 2, 1, 3))  # (B, H, N, d)
 
     # Key side: t[b, j, h, r] = sum_c W_qk[h, r, c] xq[b, j, c], one GEMM over all heads.
     wqk_2d = _product_columns(self.quantized_qk_product())

@@ -221,10 +221,9 @@ def _levels_product(levels_a: jax.Array, levels_b: jax.Array, axes: tuple[Axes, 
     return jnp.matmul(logical(levels_a, axes_a), logical(levels_b, axes_b),
                       preferred_element_type=accumulator)
   dims = (((axes_a[rank - 1],), (axes_b[rank - 2],)), (batch_a, batch_b))
-  sums = jax.lax.dot_general(levels_a.astype(operand), levels_b.astype(operand), dims,
-                             preferred_element_type=accumulator)
   # dot_general's output: the batch axes, then a's free axis (M), then b's (N).
-  return sums
+  return jax.lax.dot_general(levels_a.astype(operand), levels_b.astype(operand), dims,
+                             preferred_element_type=accumulator)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))

@@ -150,23 +150,22 @@ def _random_moments(adam: optax.ScaleByAdamState, rng) -> optax.ScaleByAdamState
                        nu=jax.tree.map(lambda x: np.abs(draw(x)), adam.nu))
 
 
-def _adams(opt_state) -> list[optax.ScaleByAdamState]:
-  return [s for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(
-      s, optax.ScaleByAdamState)) if isinstance(s, optax.ScaleByAdamState)]
-
-
-def _adam(opt_state) -> optax.ScaleByAdamState:
-  found = _adams(opt_state)
+def _only(opt_state, kind: type):
+  """The one ``kind`` state inside ``opt_state``."""
+  found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, kind))
+           if isinstance(s, kind)]
   assert len(found) == 1
   return found[0]
 
 
+def _adam(opt_state) -> optax.ScaleByAdamState:
+  return _only(opt_state, optax.ScaleByAdamState)
+
+
 def _adam_groups(opt_state) -> dict[str, optax.ScaleByAdamState]:
   """``{group: its Adam state}`` of ``optim.adamw(own_count=...)`` (optax.partition)."""
-  partitions = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(
-      s, optax.transforms.PartitionState)) if isinstance(s, optax.transforms.PartitionState)]
-  assert len(partitions) == 1
-  return {group: _adam(inner) for group, inner in partitions[0].inner_states.items()}
+  partition = _only(opt_state, optax.transforms.PartitionState)
+  return {group: _adam(inner) for group, inner in partition.inner_states.items()}
 
 
 def _cga_start(run, include_qk: bool):
