@@ -84,6 +84,7 @@ def compile_step(mesh, *, model: str, bits: int, batch: int, attention: str = "q
   flops = float(cost.get("flops", float("nan"))) if cost else float("nan")
   state, metrics = compiled(state, global_batch, placed_teacher.state)  # warm-up
   jax.block_until_ready(metrics)
+  host_memory.release_after_first_step(metrics)  # as the train loop does
   return dict(compiled=compiled, state=state, batch=global_batch, teacher=placed_teacher.state,
               flops=flops, compile_seconds=compile_seconds, times=[])
 

@@ -30,7 +30,7 @@ import ml_collections
 from flax import nnx
 
 from ofq_jax import data as data_lib
-from ofq_jax import losses, preemption, run_record, sharding, stages
+from ofq_jax import host_memory, losses, preemption, run_record, sharding, stages
 from ofq_jax import step as step_lib
 from ofq_jax.checkpointing import Checkpointer, load_model_dir, save_model_dir
 from ofq_jax.errors import UserError
@@ -163,6 +163,8 @@ def run_stage(plan: stages.StagePlan, run: stages.Run, stop: preemption.StopSign
     for i in range(start + 1, total + 1):
       batch = sharding.global_batch(next(batches), run.mesh)
       state, metrics = train_step(state, batch, *teacher_args)
+      if i == start + 1:
+        host_memory.release_after_first_step(metrics)
       stopping = stop.agreed(i)
       if _due(i, config.log_every_steps, total):
         log.step(i, state, metrics, ckpt)

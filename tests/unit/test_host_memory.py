@@ -81,6 +81,52 @@ def test_blocks_over_two_gib_are_kept_too():
   assert float(out.stdout.strip().splitlines()[-1]) < 8
 
 
+RELEASES = """
+import ctypes, ctypes.util
+from ofq_jax import host_memory
+def rss_mb():
+  with open("/proc/self/status") as f:
+    return next(int(l.split()[1]) for l in f if l.startswith("VmRSS")) / 1024
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+def freed_block(mb):  # touched, then freed: kept resident under keep_freed_memory
+  pin = libc.malloc(1 << 20)  # so that the block is not the heap's top
+  block = libc.malloc(mb << 20)
+  after = libc.malloc(1 << 20)
+  libc.memset(block, 1, mb << 20)
+  libc.free(block)
+  return pin, after
+import jax, jax.numpy as jnp
+out = jnp.ones(4)
+assert not host_memory.release_after_first_step(out)  # malloc untouched: nothing to do
+assert host_memory.keep_freed_memory()
+trims = []
+real = host_memory._trim
+host_memory._trim = lambda pad: trims.append(pad) or real(pad)
+host_memory.RELEASE_AFTER_COMPILE_S = 0.0
+jax.jit(lambda x: jnp.sin(x) * 3).lower(out).compile()
+compiled_trims = len(trims)
+freed_block(256)
+before = rss_mb()
+assert host_memory.release_after_first_step(out)
+print(compiled_trims, before - rss_mb())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
+def test_kept_memory_is_released_after_compiles_and_first_steps():
+  """Under keep_freed_memory a freed 256 MB block in the middle of the heap stays resident;
+  ``release_after_first_step`` gives its pages back (RSS drops by most of it), and a
+  compilation triggers the same release. Without the setting it does nothing."""
+  out = subprocess.run([sys.executable, "-c", RELEASES], check=True, capture_output=True,
+                       text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  compiled_trims, released_mb = out.stdout.split()
+  assert int(compiled_trims) >= 1
+  assert float(released_mb) > 200, released_mb
+
+
 def test_opt_out_and_platform_detection(monkeypatch):
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
   assert host_memory.cpu_only()
