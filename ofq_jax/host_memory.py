@@ -45,8 +45,7 @@ RELEASE_AFTER_COMPILE_S = 1.0
 """Compilations shorter than this leave little behind; a trim of a large heap costs
 0.1-0.5 s, so small programs (eval metrics, init) do not pay it."""
 _BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"  # jax's dispatch.py
-_listening = False
-_trim = None  # glibc's malloc_trim, once keep_freed_memory applied
+_trim = None  # glibc's malloc_trim, once keep_freed_memory applied (and the listener set)
 _TEMPORARIES_FREED_S = 0.05
 """XLA:CPU frees an execution's temporaries just after its outputs are ready."""
 
@@ -80,10 +79,10 @@ def keep_freed_memory() -> bool:
 
 def _release_after_compiles(libc: ctypes.CDLL) -> None:
   """Registers (once) a jax listener that trims the heap after each long compilation."""
-  global _listening, _trim
-  _trim = libc.malloc_trim
-  if _listening:
+  global _trim
+  if _trim is not None:
     return
+  _trim = libc.malloc_trim
   import jax  # pylint: disable=import-outside-toplevel  (no backend starts here)
 
   def release(event: str, duration: float, **_) -> None:
@@ -91,7 +90,6 @@ def _release_after_compiles(libc: ctypes.CDLL) -> None:
       _trim(0)
 
   jax.monitoring.register_event_duration_secs_listener(release)
-  _listening = True
 
 
 def release_after_first_step(outputs: Any) -> bool:
