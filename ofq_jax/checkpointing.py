@@ -4,29 +4,69 @@ newest one cannot be read) and a model directory (a stage's final parameters).""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
 
 from ofq_jax import compat
 from ofq_jax.errors import UserError
+from ofq_jax.models.config import stored_model_differences
+
+MODEL_CONFIG_FILE = "model_config.json"
+"""Beside the arrays of a model directory: the config that built the model, so a reader
+with another config (2-bit weights read as 4-bit) is refused instead of silently
+re-quantizing them. Directories written before it existed load unchecked."""
 
 
 def save_model_dir(directory: str, model: nnx.Module) -> None:
-  """Final parameters (and quantizer buffers) of a stage, for the next stage or export."""
+  """Final parameters (and quantizer buffers) of a stage and the model's config, for the
+  next stage, evaluation or export."""
   _, state = nnx.split(model)
+  directory = os.path.abspath(directory)
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.abspath(directory), state, force=True)
+  checkpointer.save(directory, state, force=True)
   checkpointer.wait_until_finished()
+  config = getattr(model, "config", None)
+  if config is not None and jax.process_index() == 0:
+    path = os.path.join(directory, MODEL_CONFIG_FILE)
+    with open(f"{path}.tmp", "w", encoding="utf-8") as f:
+      f.write(config.to_json_best_effort(indent=1, sort_keys=True))
+    os.replace(f"{path}.tmp", path)
+
+
+def model_dir_config(directory: str) -> ml_collections.ConfigDict | None:
+  """The config a model directory was saved with; None for directories from before."""
+  path = os.path.join(directory, MODEL_CONFIG_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def check_model_dir(directory: str, asked: ml_collections.ConfigDict) -> None:
+  """A one-line ``UserError`` when ``directory`` holds a model another config built."""
+  stored = model_dir_config(directory)
+  if stored is None:
+    return
+  differences = stored_model_differences(stored, asked)
+  if differences:
+    listed = "; ".join(f"model.{d}" for d in differences)
+    raise UserError(f"{directory} holds a model built with another config ({listed}); "
+                    "pass the config it was trained with (its workdir's run.json records it) "
+                    "or override those keys.")
 
 
 def load_model_dir(directory: str, model: nnx.Module) -> nnx.Module:
   """Restores ``save_model_dir`` output into ``model`` (built from the same config)."""
+  if getattr(model, "config", None) is not None:
+    check_model_dir(directory, model.config)
   _, state = nnx.split(model)
   abstract = jax.tree.map(compat.to_shape_dtype_struct, state)
   restored = ocp.StandardCheckpointer().restore(os.path.abspath(directory), abstract)
@@ -36,10 +76,15 @@ def load_model_dir(directory: str, model: nnx.Module) -> nnx.Module:
 
 def load_fitting_model_dir(directory: str,
                            candidates: Sequence[tuple[str, Callable[[], nnx.Module]]],
-                           what: str = "an ofq_jax model directory") -> tuple[nnx.Module, str]:
+                           what: str = "an ofq_jax model directory",
+                           asked: ml_collections.ConfigDict | None = None
+                           ) -> tuple[nnx.Module, str]:
   """``directory`` restored into the first of ``candidates`` (``(label, build)``) whose
   structure it holds, and that label; a one-line ``UserError`` listing every mismatch
-  when none fits (a directory does not say which config built it)."""
+  when none fits. ``asked`` (the model config the candidates vary) is checked first
+  against the config the directory records, before anything is built."""
+  if asked is not None:
+    check_model_dir(directory, asked)
   errors = []
   for label, build in candidates:
     try:

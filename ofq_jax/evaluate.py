@@ -51,7 +51,7 @@ def load_for_eval(path: str, model_config) -> tuple[nnx.Module, str]:
     kinds = [(_quantized_kind(cfg), cfg) for cfg in quantized_configs(model_config)]
     kinds.append(("ofq_jax float", float_config(model_config)))
     return load_fitting_model_dir(path, [(kind, lambda c=cfg: create_model(c))
-                                         for kind, cfg in kinds])
+                                         for kind, cfg in kinds], asked=model_config)
   state = read_state_dict(path)
   if any(key.endswith(_REFERENCE_MARKERS) for key in state):
     return load_ofq_torch(state, quantized_config(model_config)), "OFQ reference"

@@ -31,10 +31,9 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from ofq_jax import run_record
 from ofq_jax.errors import MissingInputError, UserError
 from ofq_jax.models import create_model
-from ofq_jax.models.config import qk_form, quantized_configs
+from ofq_jax.models.config import qk_form, quantized_configs, stored_model_differences
 from ofq_jax.models.rounded import RoundedTensor, rounded_tensors
 from ofq_jax.paths import dotted, state_path
 
@@ -140,15 +139,10 @@ def _read(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], dict[str
 
 def _check_config(stored: ml_collections.ConfigDict, expected: ml_collections.ConfigDict,
                   path) -> None:
-  # A packed model is quantized whatever a training config's float stage says, and its
-  # matmul settings are the loader's choice.
-  # How QKR held W_qk while training (factors or product) is not in the file either: it
-  # stores the rounded product.
-  ignore = ("quant.enabled", "quant.matmul", "quant.matmul_operands", "quant.matmul_backward",
-            "quant.qk_form")
-  old, new = run_record.flatten(stored), run_record.flatten(expected)
-  diff = [f"{k}: {old.get(k)!r} in the file, {new.get(k)!r} asked"
-          for k in sorted(set(old) | set(new)) if k not in ignore and old.get(k) != new.get(k)]
+  # A packed model is quantized whatever a training config's float stage says, its matmul
+  # settings are the loader's choice, and it stores QKR's rounded product, not the form
+  # W_qk was trained in (``STORAGE_BLIND_KEYS``).
+  diff = stored_model_differences(stored, expected)
   if diff:
     raise UserError(f"{os.fspath(path)} holds another model: {'; '.join(diff)}.")
 
@@ -199,10 +193,14 @@ def load_quantized_dir(directory: str, model_config: ml_collections.ConfigDict) 
   """The quantized model in ``directory`` (``workdir/models/<stage>``), QKR holding W_q and
   W_k or, after CGA with ``cga.include_qk``, W_qk (the form the directory's state has)."""
   from ofq_jax import checkpointing  # pylint: disable=import-outside-toplevel
+  stored = checkpointing.model_dir_config(directory)
+  if stored is not None and not stored.quant.enabled:
+    raise UserError(f"{directory} holds a float model; export a quantized stage's directory "
+                    "(workdir/models/qat or models/cga).")
   model, _ = checkpointing.load_fitting_model_dir(
       directory, [(f"qk_form={qk_form(c.quant)}", lambda c=c: create_model(c))
                   for c in quantized_configs(model_config)],
-      what="a quantized model directory")
+      what="a quantized model directory", asked=model_config)
   return model
 
 
@@ -214,6 +212,10 @@ def main(argv: list[str]) -> None:
   if not os.path.isdir(flags.FLAGS.checkpoint):
     raise MissingInputError(f"--checkpoint={flags.FLAGS.checkpoint!r} is not a model "
                             "directory (workdir/models/qat or models/cga).")
+  out_dir = os.path.dirname(os.path.abspath(flags.FLAGS.out))
+  if not os.path.isdir(out_dir):
+    raise MissingInputError(f"--out={flags.FLAGS.out!r}: the directory {out_dir!r} does not "
+                            "exist; create it or write the file elsewhere.")
   model = load_quantized_dir(flags.FLAGS.checkpoint, config.model)
   sizes = export_integer(model, flags.FLAGS.out)
   print(f"{flags.FLAGS.out}: {sizes['bytes'] / 1e6:.2f} MB ({sizes['packed_weight_bytes'] / 1e6:.2f}"

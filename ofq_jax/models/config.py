@@ -8,6 +8,7 @@ from typing import Any
 
 import ml_collections
 
+from ofq_jax import run_record
 from ofq_jax.errors import UserError
 from ofq_jax.quant import integer
 from ofq_jax.quant.rules import WEIGHT_METHODS
@@ -181,6 +182,29 @@ def quantized_configs(config: ml_collections.ConfigDict) -> list[ml_collections.
     return [first]
   other = "factors" if qk_form(first.quant) == "product" else "product"
   return [first, with_qk_form(first, other)]
+
+
+STORAGE_BLIND_KEYS = (
+    "size", "precision", "drop_path", "quant.enabled", "quant.qk_form", "quant.matmul",
+    "quant.matmul_operands", "quant.matmul_backward", "quant.lsq_grad_batch",
+    "quant.attn_proj_init", "quant.attn_qkv_init", "quant.position_table_init")
+"""Model config keys that do not change what a stored model's tensors mean: how it runs
+(precision, matmul), how training draws or scales (drop path, LSQ gradient batch, the
+quantize-time inits), a preset's name, and what the loaders try both ways (float or
+quantized, QKR's W_qk form)."""
+
+
+def stored_model_differences(stored: ml_collections.ConfigDict,
+                             asked: ml_collections.ConfigDict) -> list[str]:
+  """``"quant.weight_bits: 2 stored, 4 asked"`` for every key where a stored model (a model
+  directory, a packed file) and the config asked to read it disagree on what its tensors
+  mean; a float model's ``quant.*`` (which says how it would be quantized) is not compared,
+  nor a key only one side has (a field added later keeps its old behaviour as default)."""
+  old, new = run_record.flatten(stored), run_record.flatten(asked)
+  float_model = not stored.get("quant", {}).get("enabled", True)
+  keys = sorted(k for k in set(old) & set(new) if k not in STORAGE_BLIND_KEYS
+                and not (float_model and k.startswith("quant.")))
+  return [f"{k}: {old[k]!r} stored, {new[k]!r} asked" for k in keys if old[k] != new[k]]
 
 
 def float_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -1,5 +1,6 @@
 """The export command on a digits-trained model: the packed file's logits equal the
-trained model's fake-quant eval logits."""
+trained model's fake-quant eval logits; its user errors are one line each, found before
+the model is read."""
 
 import subprocess
 import sys
@@ -39,3 +40,16 @@ def test_export_command_on_a_digits_model(tmp_path, float_teacher):
   assert missing.stderr.strip().splitlines() == [
       f"error: --checkpoint={str(tmp_path / 'nope')!r} is not a model directory "
       "(workdir/models/qat or models/cga)."]
+
+  def one_error_line(*extra) -> str:
+    result = subprocess.run(args[:4] + [f"--checkpoint={model_dir}", *extra], capture_output=True,
+                            text=True, cwd=REPO, timeout=600, check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr[-3000:]
+    return lines[0]
+  other_bits = one_error_line(f"--out={tmp_path / 'w4.safetensors'}", *args[6:],
+                              "--config.model.quant.weight_bits=4")
+  assert "model.quant.weight_bits: 2 stored, 4 asked" in other_bits, other_bits
+  no_dir = one_error_line(f"--out={tmp_path / 'no_dir' / 'x.safetensors'}", *args[6:])
+  assert no_dir.startswith("error: --out=") and "does not exist" in no_dir, no_dir
+  assert not (tmp_path / "w4.safetensors").exists()

@@ -54,7 +54,7 @@ def test_load_refuses_other_formats_and_models(tmp_path, deit_fixture):
                        num_heads=config.num_heads, num_classes=config.num_classes,
                        img_size=config.img_size, patch_size=config.patch_size,
                        quant=config.quant.to_dict())
-  with pytest.raises(UserError, match=r"holds another model: depth: \d+ in the file, \d+ asked"):
+  with pytest.raises(UserError, match=r"holds another model: depth: \d+ stored, \d+ asked"):
     export.load_integer(path, other)
   save_file({"x": np.zeros(3, np.float32)}, str(tmp_path / "old.safetensors"),
             metadata={"format": "ofq_jax.packed-integer/0"})
