@@ -7,7 +7,8 @@
 ``W_k`` or, after CGA with ``cga.include_qk``, as ``W_qk``), a timm / FB
 DeiT file or a torchvision Swin file (float, by ``config.model.arch``) or a checkpoint of
 the OFQ reference (e.g. the released ``.pth.tar``, quantized as ``config.model.quant``
-says). Sharded like training: the
+says), or a packed integer file (``python -m ofq_jax.export``; run on its integers as
+``load_integer`` runs it). Sharded like training: the
 batch is split over the ``config.mesh`` devices and hosts.
 """
 
@@ -25,14 +26,13 @@ from flax import nnx
 from ml_collections import config_flags
 
 from ofq_jax import data as data_lib
-from ofq_jax import sharding
+from ofq_jax import export, sharding
 from ofq_jax.checkpointing import load_fitting_model_dir
 from ofq_jax.errors import MissingInputError, UserError, one_line
 from ofq_jax.interop import load_ofq_torch, read_state_dict
 from ofq_jax.interop.families import float_format, load_float
 from ofq_jax.models import create_model, float_config, quantized_config
 from ofq_jax.models.config import qk_form, quantized_configs
-from ofq_jax.models.quantizers import QuantBuffer
 from ofq_jax.step import evaluate
 
 # Keys only the OFQ reference's quantized DeiT has.
@@ -52,6 +52,8 @@ def load_for_eval(path: str, model_config) -> tuple[nnx.Module, str]:
     kinds.append(("ofq_jax float", float_config(model_config)))
     return load_fitting_model_dir(path, [(kind, lambda c=cfg: create_model(c))
                                          for kind, cfg in kinds], asked=model_config)
+  if export.is_packed_file(path):
+    return export.load_integer_model(path, model_config), "packed integer"
   state = read_state_dict(path)
   if any(key.endswith(_REFERENCE_MARKERS) for key in state):
     return load_ofq_torch(state, quantized_config(model_config)), "OFQ reference"
@@ -69,7 +71,8 @@ def evaluate_checkpoint(config, checkpoint: str) -> dict[str, Any]:
   sharding.check_batch(config.eval_batch_size, mesh, "eval_batch_size")
   source = data_lib.build(config.data)
   model, kind = load_for_eval(checkpoint, config.model)
-  graphdef, params, buffers = nnx.split(model, nnx.Param, QuantBuffer)
+  # Buffers: the LSQ / StatsQ state, and a packed model's integers (FrozenLevels).
+  graphdef, params, buffers = nnx.split(model, nnx.Param, ...)
   params = jax.device_put(params, jax.tree.map(lambda _: sharding.replicated(mesh), params))
   buffers = jax.device_put(buffers,
                            jax.tree.map(lambda _: sharding.replicated(mesh), buffers))

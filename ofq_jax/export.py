@@ -120,6 +120,19 @@ def export_integer(model: nnx.Module, path: str | os.PathLike[str]) -> dict[str,
           "other_bytes": sum(a.nbytes for a in arrays.values()) - packed}
 
 
+def is_packed_file(path: str | os.PathLike[str]) -> bool:
+  """Whether ``path`` is a packed integer file (of any format version): a safetensors
+  file whose metadata names this exporter."""
+  if not os.fspath(path).endswith(".safetensors") or not os.path.isfile(path):
+    return False
+  from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+  try:
+    with safe_open(os.fspath(path), framework="numpy") as f:
+      return (f.metadata() or {}).get("format", "").startswith(FORMAT.split("/")[0] + "/")
+  except Exception:  # pylint: disable=broad-except  (not safetensors: read_state_dict says so)
+    return False
+
+
 def _read(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray], dict[str, str]]:
   if not os.path.exists(path):
     raise MissingInputError(f"{os.fspath(path)!r} does not exist; make it with "

@@ -135,8 +135,9 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path):
 
 
 def test_evaluate_every_checkpoint_kind(tmp_path, float_teacher):
-  """ofq_jax model dirs, a timm-layout file and an OFQ-reference file give the top-1
-  the training run measured."""
+  """ofq_jax model dirs, a timm-layout file, an OFQ-reference file and a packed integer
+  export give the top-1 the training run measured."""
+  from ofq_jax import export
   from ofq_jax.evaluate import evaluate_checkpoint
   from ofq_jax.interop import export_ofq_torch, export_timm_deit
   from ofq_jax.models import create_model
@@ -154,6 +155,11 @@ def test_evaluate_every_checkpoint_kind(tmp_path, float_teacher):
   result = evaluate_checkpoint(config, str(tmp_path / "ofq.npz"))
   assert result["kind"] == "OFQ reference"
   assert result["top1"] == pytest.approx(summary["qat_top1"])
+  export.export_integer(model, tmp_path / "packed.safetensors")
+  result = evaluate_checkpoint(config, str(tmp_path / "packed.safetensors"))
+  assert result["kind"] == "packed integer" and result["count"] == 360
+  # Its logits equal the fake-quant ones to 1e-5: at most a near-tie image may flip.
+  assert result["top1"] == pytest.approx(summary["qat_top1"], abs=100 / 360 + 1e-9)
   float_result = evaluate_checkpoint(config, float_teacher)
   assert float_result["kind"] == "ofq_jax float"
   float_model = train.load_model(float_teacher, create_model(
