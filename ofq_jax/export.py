@@ -123,7 +123,7 @@ def export_integer(model: nnx.Module, path: str | os.PathLike[str]) -> dict[str,
 def is_packed_file(path: str | os.PathLike[str]) -> bool:
   """Whether ``path`` is a packed integer file (of any format version): a safetensors
   file whose metadata names this exporter."""
-  if not os.fspath(path).endswith(".safetensors") or not os.path.isfile(path):
+  if not os.path.isfile(path):
     return False
   from safetensors import safe_open  # pylint: disable=import-outside-toplevel
   try:

@@ -65,3 +65,15 @@ def test_load_refuses_other_formats_and_models(tmp_path, deit_fixture):
   with pytest.raises(UserError, match="rounds no tensor"):
     export.export_integer(create_model(model_config(None, embed_dim=32, depth=1, num_heads=2,
                                                     img_size=16, patch_size=8)), path)
+
+
+def test_packed_files_are_told_by_their_metadata_not_their_name(tmp_path, deit_fixture):
+  """``evaluate`` routes a checkpoint by ``is_packed_file``: whatever its suffix, a file
+  this exporter wrote is packed; other safetensors, npz files and directories are not."""
+  path = tmp_path / "model.bin"
+  export.export_integer(load_ofq_torch(deit_fixture.group("q"), deit_fixture.config()), path)
+  assert export.is_packed_file(path)
+  save_file({"x": np.zeros(3, np.float32)}, str(tmp_path / "plain.safetensors"))
+  np.savez(tmp_path / "plain.npz", x=np.zeros(3))
+  assert not any(export.is_packed_file(tmp_path / name)
+                 for name in ("plain.safetensors", "plain.npz", "missing.safetensors", "."))
