@@ -63,8 +63,25 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
           if not _exempt(key) and was(key) != new.get(key, absent)]
 
 
+def check_workdir(workdir: str) -> None:
+  """Raises ``UserError`` unless ``workdir`` is a directory this process can write, or can
+  be created: its nearest existing ancestor is a writable directory."""
+  existing = workdir
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    where = " (it is a file)" if existing == workdir else f" ({existing} is a file)"
+    raise UserError(f"workdir={workdir!r} cannot be a run directory{where}; pass a directory "
+                    "path (it is created when missing).")
+  if not os.access(existing, os.W_OK | os.X_OK):
+    raise UserError(f"workdir={workdir!r}: {existing} is not writable by this user; pass a "
+                    "directory you can write.")
+
+
 def check(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Raises ``UserError`` when ``workdir`` holds a run with a different trajectory."""
+  """Raises ``UserError`` when ``workdir`` is unusable or holds a run with a different
+  trajectory."""
+  check_workdir(workdir)
   path = os.path.join(workdir, FILE)
   if not os.path.exists(path):
     return

@@ -37,6 +37,15 @@ def test_quantized_stage_mistakes_fail_before_the_float_stage(tmp_path, override
   assert not (tmp_path / "wd").exists()
 
 
+@pytest.mark.parametrize("workdir", ["a_file", "a_file/run"])
+def test_a_workdir_that_cannot_be_a_directory(tmp_path, workdir):
+  (tmp_path / "a_file").write_text("not a directory")
+  with pytest.raises(UserError, match=r"workdir='.*' cannot be a run directory \((it|.*a_file)"
+                                      r" is a file\); pass a directory path"):
+    train.train_and_evaluate(digits_config(), str(tmp_path / workdir))
+  assert (tmp_path / "a_file").read_text() == "not a directory"
+
+
 def test_missing_teacher_file(tmp_path):
   config = digits_config(stages=("qat",))
   config.qat.teacher = str(tmp_path / "deit_tiny.pth")
