@@ -2,23 +2,16 @@
 metrics (the training runs themselves are the train tests' business; the full ablation
 takes ~40 minutes on 2 cores and is run by hand into RESULTS.md)."""
 
-import importlib.util
 import json
-import sys
 
 import pytest
 
-from support import REPO
+from support import load_bench
 
 
 @pytest.fixture(scope="module")
 def ablation():
-  spec = importlib.util.spec_from_file_location("ablation_digits",
-                                                REPO / "bench" / "ablation_digits.py")
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module  # dataclasses look their module up
-  spec.loader.exec_module(module)
-  return module
+  return load_bench("ablation_digits")
 
 
 def oscillation(total, qk, grid_scale=1.0, implied=None):

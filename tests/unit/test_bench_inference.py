@@ -3,23 +3,11 @@ records in BENCHMARKS.md come out of one run with the meaning its docstring give
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-import sys
-
-REPO = pathlib.Path(__file__).resolve().parents[2]
-
-
-def _load_bench():
-  sys.path.insert(0, str(REPO / "bench"))
-  spec = importlib.util.spec_from_file_location("inference", REPO / "bench" / "inference.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from support import load_bench
 
 
 def test_one_run_times_three_variants_side_by_side(capsys):
-  inference = _load_bench()
+  inference = load_bench("inference")
   rows = inference.main(["--models", "tiny", "--bits", "2", "--batch", "2", "--img-size", "32",
                          "--steps", "3", "--host-malloc", "default", "--json"])
   assert '"variant": "packed integer"' in capsys.readouterr().out

@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
 import tempfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
+from support import load_bench
 
-
-def _load_bench():
-  import sys  # pylint: disable=import-outside-toplevel
-  sys.path.insert(0, str(REPO / "bench"))
-  spec = importlib.util.spec_from_file_location("profile_step", REPO / "bench" / "profile_step.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-profile_step = _load_bench()
+profile_step = load_bench("profile_step")
 
 
 def matmul_then_sine(w, x):

@@ -4,27 +4,15 @@ sampling statistics. The comparison code is bench/randaugment_vs_timm.py (which 
 same checks as a table on larger images); timm's ``timm/data/auto_augment.py`` is loaded as
 a single file (PIL and numpy only), never ``timm`` / ``torchvision`` as packages."""
 
-import importlib.util
-import sys
-
 import pytest
 import tensorflow as tf
 
 from ofq_jax.data import randaugment as ra
-from support import REPO
+from support import load_bench
 
 
 
-def _load_bench():
-  spec = importlib.util.spec_from_file_location("randaugment_vs_timm",
-                                                REPO / "bench" / "randaugment_vs_timm.py")
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[spec.name] = module
-  spec.loader.exec_module(module)
-  return module
-
-
-bench = _load_bench()
+bench = load_bench("randaugment_vs_timm")
 
 
 @pytest.fixture(scope="module")
