@@ -93,6 +93,24 @@ def check(config: ml_collections.ConfigDict, workdir: str) -> None:
                     "Use a new --workdir, or rerun with the recorded values to resume.")
 
 
+def recorded_model(workdir: str) -> ml_collections.ConfigDict | None:
+  """The ``model`` config the run in ``workdir`` recorded; None without a record."""
+  path = os.path.join(workdir, FILE)
+  if not os.path.isfile(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    flat = json.load(f)
+  model: dict[str, Any] = {}
+  for key, value in flat.items():
+    if key.startswith("model."):
+      *parents, leaf = key[len("model."):].split(".")
+      node = model
+      for parent in parents:
+        node = node.setdefault(parent, {})
+      node[leaf] = value
+  return ml_collections.ConfigDict(model)
+
+
 def write(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Records ``config`` (process 0), after ``check`` has accepted it."""
   if jax.process_index() != 0:

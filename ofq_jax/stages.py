@@ -31,14 +31,14 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from ofq_jax import cga, losses, optim, product_form, sharding, step
+from ofq_jax import cga, losses, optim, product_form, run_record, sharding, step
 from ofq_jax.checkpointing import Checkpointer, load_model_dir
 from ofq_jax.data import DataSource, steps_per_epoch
 from ofq_jax.errors import MissingInputError, UserError
 from ofq_jax.interop import quantize_from_float
 from ofq_jax.interop.families import load_float
 from ofq_jax.models import calibrate, create_model, float_config, quantized_config
-from ofq_jax.models.config import PRECISIONS, qk_form, with_qk_form
+from ofq_jax.models.config import PRECISIONS, qk_form, stored_model_differences, with_qk_form
 from ofq_jax.models.quantizers import QuantBuffer
 from ofq_jax.models.rounded import cga_targets
 from ofq_jax.paths import state_path
@@ -324,12 +324,31 @@ def check_qat(config, workdir: str, quantized: nnx.Module | None) -> None:
         "'float' to config.stages or set --config.qat.teacher=PATH.")
 
 
+def _check_resumed_model(config) -> None:
+  """``cga.resume`` from another workdir (``OTHER/checkpoints/qat``): its QAT model, as that
+  run recorded it, must be this one; restoring would succeed (2- and 4-bit states have the
+  same shapes) and anneal the weights at the wrong bit-width."""
+  other = os.path.dirname(os.path.dirname(os.path.abspath(config.cga.resume)))
+  recorded = run_record.recorded_model(other)
+  if recorded is None:
+    return
+  recorded.quant.enabled = True  # what its QAT stage trained
+  differences = stored_model_differences(recorded, quantized_config(config.model))
+  if differences:
+    listed = "; ".join(f"model.{d}" for d in differences)
+    raise UserError(f"config.cga.resume={config.cga.resume!r} holds a QAT state of another "
+                    f"model ({listed}; recorded in {other}/{run_record.FILE}); resume a QAT "
+                    "run of this model, or set those keys as that run had them.")
+
+
 def check_cga(config, workdir: str, quantized: nnx.Module | None) -> None:
   check_qat(config, workdir, quantized)
   resume = config.cga.resume or os.path.join(workdir, "checkpoints", "qat")
   if "qat" not in config.stages and not os.path.isdir(resume):
     raise MissingInputError(f"CGA resumes a QAT state, but {resume} does not exist: add "
                             "'qat' to config.stages or set --config.cga.resume=DIR.")
+  if config.cga.resume:
+    _check_resumed_model(config)
   if cga.include_qk(config.cga) and config.model.quant.attention != "qkr":
     raise UserError("cga.include_qk=True anneals QKR's W_q^T W_k product, but "
                     f"model.quant.attention={config.model.quant.attention!r} has none; use "

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from ofq_jax import train
+from ofq_jax import run_record, train
 from ofq_jax.errors import UserError
 from support.runs import cli, digits_config
 
@@ -44,6 +44,28 @@ def test_a_workdir_that_cannot_be_a_directory(tmp_path, workdir):
                                       r" is a file\); pass a directory path"):
     train.train_and_evaluate(digits_config(), str(tmp_path / workdir))
   assert (tmp_path / "a_file").read_text() == "not a directory"
+
+
+def test_cga_resume_from_a_run_of_another_model(tmp_path):
+  """A W2A2 QAT state resumed by a W4A4 CGA config would restore (same shapes) and anneal
+  at the wrong bit-width: the other run's record refuses it before any work."""
+  other = tmp_path / "other"
+  run_record.write(digits_config(), str(other))
+  (other / "checkpoints" / "qat").mkdir(parents=True)
+  (other / "models" / "float").mkdir(parents=True)
+
+  def cga_config(arg=""):
+    config = digits_config(arg, stages=("cga",))
+    config.cga.resume = str(other / "checkpoints" / "qat")
+    config.qat.teacher = str(other / "models" / "float")
+    return config
+  config = cga_config("bits=4")
+  with pytest.raises(UserError, match=r"cga.resume=.* holds a QAT state of another model "
+                     r"\(model.quant.act_bits: 2 stored, 4 asked; model.quant.weight_bits: 2 "
+                     r"stored, 4 asked; recorded in .*other/run.json\)"):
+    train.train_and_evaluate(config, str(tmp_path / "wd"))
+  assert not (tmp_path / "wd").exists()
+  train.preflight(cga_config(), str(tmp_path / "wd"))  # the same model passes
 
 
 def test_missing_teacher_file(tmp_path):
