@@ -36,3 +36,14 @@ def test_check_refuses_then_write_records(tmp_path):
   config.model.quant.weight_bits = 4
   with pytest.raises(UserError, match=r"model.quant.weight_bits: 2 -> 4.*new --workdir"):
     run_record.check(config, str(tmp_path))
+
+
+def test_check_workdir_walks_up_to_an_existing_directory(tmp_path, monkeypatch):
+  """A relative path whose parents do not exist yet is fine (it is created); one under a
+  file is not, whichever ancestor the file is."""
+  monkeypatch.chdir(tmp_path)
+  run_record.check_workdir("runs/w2a2/seed0")
+  (tmp_path / "runs").write_text("a file")
+  with pytest.raises(UserError, match=r"workdir='runs/w2a2/seed0' cannot be a run directory "
+                                      r"\(.*/runs is a file\)"):
+    run_record.check_workdir("runs/w2a2/seed0")
