@@ -76,19 +76,17 @@ def load_model_dir(directory: str, model: nnx.Module) -> nnx.Module:
 
 def load_fitting_model_dir(directory: str,
                            candidates: Sequence[tuple[str, Callable[[], nnx.Module]]],
-                           what: str = "an ofq_jax model directory",
-                           asked: ml_collections.ConfigDict | None = None
-                           ) -> tuple[nnx.Module, str]:
+                           what: str = "an ofq_jax model directory") -> tuple[nnx.Module, str]:
   """``directory`` restored into the first of ``candidates`` (``(label, build)``) whose
   structure it holds, and that label; a one-line ``UserError`` listing every mismatch
-  when none fits. ``asked`` (the model config the candidates vary) is checked first
-  against the config the directory records, before anything is built."""
-  if asked is not None:
-    check_model_dir(directory, asked)
+  when none fits. The candidates differ only in keys ``check_model_dir`` does not compare,
+  so its refusal (the directory records another model) is final."""
   errors = []
   for label, build in candidates:
     try:
       return load_model_dir(directory, build()), label
+    except UserError:
+      raise
     except Exception as error:  # pylint: disable=broad-except
       errors.append(f"{label}: {type(error).__name__}: {str(error)[:300]}")
   raise UserError(f"--checkpoint={directory} is not {what} for this config (fix "

@@ -51,7 +51,7 @@ def load_for_eval(path: str, model_config) -> tuple[nnx.Module, str]:
     kinds = [(_quantized_kind(cfg), cfg) for cfg in quantized_configs(model_config)]
     kinds.append(("ofq_jax float", float_config(model_config)))
     return load_fitting_model_dir(path, [(kind, lambda c=cfg: create_model(c))
-                                         for kind, cfg in kinds], asked=model_config)
+                                         for kind, cfg in kinds])
   if export.is_packed_file(path):
     return export.load_integer_model(path, model_config), "packed integer"
   state = read_state_dict(path)

@@ -213,7 +213,7 @@ def load_quantized_dir(directory: str, model_config: ml_collections.ConfigDict) 
   model, _ = checkpointing.load_fitting_model_dir(
       directory, [(f"qk_form={qk_form(c.quant)}", lambda c=c: create_model(c))
                   for c in quantized_configs(model_config)],
-      what="a quantized model directory", asked=model_config)
+      what="a quantized model directory")
   return model
 
 

@@ -66,11 +66,11 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 def check_workdir(workdir: str) -> None:
   """Raises ``UserError`` unless ``workdir`` is a directory this process can write, or can
   be created: its nearest existing ancestor is a writable directory."""
-  existing = os.path.abspath(workdir)
+  path = existing = os.path.abspath(workdir)
   while not os.path.exists(existing):  # ends at "/" at the latest
     existing = os.path.dirname(existing)
   if not os.path.isdir(existing):
-    where = " (it is a file)" if existing == workdir else f" ({existing} is a file)"
+    where = " (it is a file)" if existing == path else f" ({existing} is a file)"
     raise UserError(f"workdir={workdir!r} cannot be a run directory{where}; pass a directory "
                     "path (it is created when missing).")
   if not os.access(existing, os.W_OK | os.X_OK):

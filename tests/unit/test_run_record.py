@@ -47,3 +47,5 @@ def test_check_workdir_walks_up_to_an_existing_directory(tmp_path, monkeypatch):
   with pytest.raises(UserError, match=r"workdir='runs/w2a2/seed0' cannot be a run directory "
                                       r"\(.*/runs is a file\)"):
     run_record.check_workdir("runs/w2a2/seed0")
+  with pytest.raises(UserError, match=r"workdir='runs' cannot be a run directory \(it is a file\)"):
+    run_record.check_workdir("runs")
