@@ -21,11 +21,11 @@ x = jnp.ones((16, 1024, 1024), jnp.float32)  # 64 MB: above glibc's largest mmap
 f = jax.jit(lambda v: jnp.cumsum(jnp.sin(v), axis=0)[-1].sum())  # a 64 MB temporary
 def call():
   f(x).block_until_ready()
-  time.sleep(0.02)  # the temporary is freed just after the result is ready
-for _ in range(2):
+  time.sleep(0.1)  # the temporary is freed just after the result is ready
+for _ in range(4):  # the heap grows until it holds a free block (more calls under load)
   call()
 faulted = []
-for _ in range(8):
+for _ in range(12):
   before = host_memory.page_faults()
   call()
   faulted.append((host_memory.page_faults() - before) * 4096 / 2**20)
@@ -44,7 +44,12 @@ def _faulted_mb_per_call(mode: str) -> float:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
 def test_reused_output_blocks_are_not_faulted_again():
   """Each call's 64 MB temporary is freed and allocated again: with the setting it comes
-  back from the heap (no new pages); glibc's default maps (and zero-fills) it anew."""
+  back from the heap (no new pages); glibc's default maps (and zero-fills) it anew.
+
+  The heap first grows until a freed block is there for the next call: on a loaded box
+  (CI, the other xdist worker training) a late free made 4 calls in a row fault 64 MB
+  after 2 warm-up calls (one CI run failed so; 3 busy processes beside it reproduce it),
+  never more than 2 after 4 warm-up calls with 0.1 s to free (10 runs)."""
   kept = _faulted_mb_per_call("keep")
   default = _faulted_mb_per_call("default")
   assert kept < 8, f"{kept:.1f} MB of new pages in the median call with keep_freed_memory()"
