@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from ofq_jax import export
 from ofq_jax.interop import (export_ofq_torch, load_ofq_torch, load_timm_deit,
                              quantize_from_float)
 from ofq_jax.interop.names import state_to_torch
@@ -158,6 +159,22 @@ def test_export_keeps_float64(deit_fixture):
   for key, value in state.items():
     assert out[key].dtype == F64, key
     np.testing.assert_array_equal(out[key], value.astype(F64), err_msg=key)
+
+
+def test_packed_export(deit_fixture, tmp_path):
+  """The packed integer file of the fixture's model, loaded and run in float64 (its
+  float32 units cast), gives the reference's float64 eval logits: in float32 the packed
+  and fake-quant forwards each flip a few 2-bit ties (a random DeiT-T W2A2 at 224 px:
+  2 of 64 images differ between them, 7-8 from float64), in float64 none."""
+  path = tmp_path / "model.safetensors"
+  export.export_integer(_quantized(deit_fixture), path)
+  graphdef, state = nnx.split(export.load_integer_model(path, deit_fixture.config()))
+  state = jax.tree.map(lambda v: v.astype(F64) if jnp.issubdtype(v.dtype, jnp.floating)
+                       else v, state)
+  logits = nnx.merge(graphdef, state)(jnp.asarray(deit_fixture.images("x_eval", F64)),
+                                      train=False)
+  _check("packed logits (abs)", f"{deit_fixture.name}:eval",
+         _abs_diff(logits, deit_fixture.arrays["f64/eval_logits"]))
 
 
 def test_loaders_keep_a_float64_state():
