@@ -65,8 +65,13 @@ def cast_floating(model: nnx.Module, dtype: Any) -> nnx.Module:
 
 def build(module_class: type, config: Any, rngs: Any, dtype: Any = None) -> nnx.Module:
   """``module_class(config, rngs)`` (``rngs`` an ``nnx.Rngs`` or a seed) with its state in
-  ``dtype`` (float32 unless asked; float64 needs ``jax_enable_x64``)."""
+  ``dtype`` (float32 unless asked; float64 needs ``jax_enable_x64``).
+
+  Cast whenever a leaf differs: under x64, flax's initializers make float64 kernels
+  while other leaves stay float32, a mixed state that float32 was asked of."""
   model = module_class(config, nnx.Rngs(rngs) if isinstance(rngs, int) else rngs)
-  if param_dtype(dtype) != np.float32:
-    cast_floating(model, dtype)
+  target = param_dtype(dtype)
+  if any(jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.dtype != target
+         for leaf in jax.tree.leaves(nnx.state(model))):
+    cast_floating(model, target)
   return model

@@ -24,7 +24,7 @@ from ofq_jax import export
 from ofq_jax.interop import (export_ofq_torch, load_ofq_torch, load_timm_deit,
                              quantize_from_float)
 from ofq_jax.interop.names import state_to_torch
-from ofq_jax.models import calibrate
+from ofq_jax.models import calibrate, create_model, model_config
 from ofq_jax.quant import integer
 from ofq_jax.quant import (cga_frozen_mask, lsq_initial_step, lsq_quantize, lsq_range,
                            statsq_quantize)
@@ -178,12 +178,19 @@ def test_packed_export(deit_fixture, tmp_path):
 
 
 def test_loaders_keep_a_float64_state():
-  """Under x64, dtype=None keeps a float64 checkpoint's precision (float32 stays float32)."""
+  """Under x64, dtype=None keeps a float64 checkpoint's precision (float32 stays float32)
+  and builds a new model in float32 alone (flax's initializers alone would make float64
+  kernels beside float32 norms)."""
   fixture = DeitFixture(DEIT_FIXTURES[0])
   state = fixture.group("q")
   for source, expected in ((np.float64, F64), (np.float32, np.float32)):
     model = load_ofq_torch({k: v.astype(source) for k, v in state.items()}, fixture.config())
     assert {leaf.dtype for leaf in jax.tree.leaves(nnx.state(model))} == {np.dtype(expected)}
+  for dtype, expected in ((None, np.float32), (F64, F64)):  # new models: one dtype, x64 or not
+    for quant in (False, True):
+      model = create_model(model_config("tiny", img_size=32, depth=1, quant=dict(enabled=quant)),
+                           0, dtype=dtype)
+      assert {leaf.dtype for leaf in jax.tree.leaves(nnx.state(model))} == {np.dtype(expected)}
   float_model = load_timm_deit(fixture.group("fp"), fixture.config(), dtype=F64)
   quantized = quantize_from_float(float_model, fixture.config())
   assert {leaf.dtype for leaf in jax.tree.leaves(nnx.state(quantized))} == {np.dtype(F64)}
