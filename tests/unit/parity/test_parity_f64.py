@@ -25,6 +25,7 @@ from ofq_jax.interop import (export_ofq_torch, load_ofq_torch, load_timm_deit,
                              quantize_from_float)
 from ofq_jax.interop.names import state_to_torch
 from ofq_jax.models import calibrate, create_model, model_config
+from ofq_jax.models.dtypes import cast_floating
 from ofq_jax.quant import integer
 from ofq_jax.quant import (cga_frozen_mask, lsq_initial_step, lsq_quantize, lsq_range,
                            statsq_quantize)
@@ -168,11 +169,8 @@ def test_packed_export(deit_fixture, tmp_path):
   2 of 64 images differ between them, 7-8 from float64), in float64 none."""
   path = tmp_path / "model.safetensors"
   export.export_integer(_quantized(deit_fixture), path)
-  graphdef, state = nnx.split(export.load_integer_model(path, deit_fixture.config()))
-  state = jax.tree.map(lambda v: v.astype(F64) if jnp.issubdtype(v.dtype, jnp.floating)
-                       else v, state)
-  logits = nnx.merge(graphdef, state)(jnp.asarray(deit_fixture.images("x_eval", F64)),
-                                      train=False)
+  model = cast_floating(export.load_integer_model(path, deit_fixture.config()), F64)
+  logits = model(jnp.asarray(deit_fixture.images("x_eval", F64)), train=False)
   _check("packed logits (abs)", f"{deit_fixture.name}:eval",
          _abs_diff(logits, deit_fixture.arrays["f64/eval_logits"]))
 
