@@ -12,11 +12,12 @@ means preempted (saved, rerun to resume).
 
 from __future__ import annotations
 
-import re
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from ofq_jax.cli_flags import parse_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Training config file.", lock_config=True)
@@ -38,6 +39,8 @@ def main(argv):
   from ofq_jax import host_memory  # pylint: disable=import-outside-toplevel
   host_memory.keep_freed_memory_on_cpu()  # before jax starts its threads
   import jax  # pylint: disable=import-outside-toplevel
+  from ofq_jax import target  # pylint: disable=import-outside-toplevel
+  target.skip_absent_tpu()
   if FLAGS.cpu_collectives:
     jax.config.update("jax_cpu_collectives_implementation", FLAGS.cpu_collectives)
   if FLAGS.distributed or FLAGS.coordinator_address or FLAGS.num_processes:
@@ -60,33 +63,5 @@ def main(argv):
     sys.exit(143)
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's parsing, with a bad ``--config`` argument or override as one line (exit 2)."""
-  try:
-    return FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError) as error:
-    print(_flag_error_line(error, argv), file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
-def _flag_error_line(error: BaseException, argv: list[str]) -> str:
-  from ofq_jax.errors import one_line  # pylint: disable=import-outside-toplevel
-  text = str(error)
-  marker = "UserError: "  # config_flags keeps only the text of the config file's error
-  if marker in text:
-    return one_line(text[text.rindex(marker) + len(marker):])
-  if isinstance(error, (AttributeError, KeyError)):  # ConfigDict: an override's unknown key
-    text = text.replace("\\n", " ").replace("\\'", "'")  # the repr of a KeyError
-    words = re.findall(r"Did you mean [^?]*\?|[\w.]+", text)
-    key = words[0] if words else "?"
-    flag = next((a.split("=")[0] for a in argv[1:]
-                 if a.split("=")[0].startswith("--config.") and
-                 a.split("=")[0].endswith("." + key)), "--config.*")
-    hint = next((w for w in words if w.startswith("Did you mean")), "")
-    return one_line(f"{flag}: the config has no key {key!r}. {hint} (python -m ofq_jax.main "
-                    "--helpfull lists the keys)")
-  return one_line(text)
-
-
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=parse_flags)

@@ -17,7 +17,6 @@ Adding a stage means adding a builder and its input check to ``STAGES``.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import os
 from collections.abc import Callable, Iterator
@@ -33,7 +32,7 @@ from jax.sharding import Mesh
 
 from ofq_jax import cga, losses, optim, product_form, run_record, sharding, step
 from ofq_jax.checkpointing import Checkpointer, load_model_dir
-from ofq_jax.data import DataSource, steps_per_epoch
+from ofq_jax.data import DataShape, DataSource, steps_per_epoch
 from ofq_jax.errors import MissingInputError, UserError
 from ofq_jax.interop import quantize_from_float
 from ofq_jax.interop.families import load_float
@@ -46,11 +45,20 @@ from ofq_jax.paths import state_path
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-  """What every stage of one ``train_and_evaluate`` call shares."""
+  """What every stage of one ``train_and_evaluate`` call shares.
+
+  ``abstract``: the plans hold model structures only (``nnx.eval_shape``: no parameter
+  is allocated, no checkpoint or data read); ``source`` may then be a ``DataShape``.
+  A plan (``ofq_jax.plan``) compiles such stages for a pod it does not have."""
   config: ml_collections.ConfigDict
   workdir: str
-  source: DataSource
+  source: DataSource | DataShape
   mesh: Mesh
+  abstract: bool = False
+
+  def model(self, make: Callable[[], nnx.Module]) -> nnx.Module:
+    """``make()``, or its structure alone in an abstract run."""
+    return nnx.eval_shape(make) if self.abstract else make()
 
   def seed(self, stage: str) -> int:
     """The stage's seed: ``config.seed`` plus the stage's index in the pipeline."""
@@ -114,11 +122,22 @@ def load_float_model(source: str, workdir: str, model_config) -> nnx.Module:
   return load_float(source, cfg)
 
 
+def teacher_config(config) -> ml_collections.ConfigDict:
+  """The KD teacher's model: the float model at ``kd.teacher_precision``."""
+  model = float_config(config.model)
+  model.precision = config.kd.get("teacher_precision", model.precision)
+  return model
+
+
 def load_teacher(config, workdir: str) -> nnx.Module:
   """The KD teacher (``qat.teacher``) at the precision ``kd.teacher_precision`` asks for."""
-  model = copy.deepcopy(config.model)
-  model.precision = config.kd.get("teacher_precision", model.precision)
-  return load_float_model(config.qat.teacher, workdir, model)
+  return load_float_model(config.qat.teacher, workdir, teacher_config(config))
+
+
+def _teacher(config, run: Run) -> nnx.Module:
+  if run.abstract:
+    return run.model(lambda: create_model(teacher_config(config)))
+  return load_teacher(config, run.workdir)
 
 
 def _adamw(config, hyper, schedule: optax.Schedule, student: nnx.Module, *,
@@ -149,10 +168,10 @@ def _loss(config, *, distill: bool) -> Callable[..., jax.Array]:
 # ----------------------------------------------------------------------------- builders
 def build_float_plan(config, run: Run) -> StagePlan:
   hyper, seed = config.float, run.seed("float")
-  if hyper.init_from:
+  if hyper.init_from and not run.abstract:
     student = load_float_model(hyper.init_from, run.workdir, config.model)
   else:
-    student = create_model(float_config(config.model), nnx.Rngs(seed))
+    student = run.model(lambda: create_model(float_config(config.model), nnx.Rngs(seed)))
   schedule = _epoch_schedule(hyper, run)
   tx = _adamw(config, hyper, schedule, student)
   return StagePlan(
@@ -163,8 +182,11 @@ def build_float_plan(config, run: Run) -> StagePlan:
 
 def build_qat_plan(config, run: Run) -> StagePlan:
   hyper, seed = config.qat, run.seed("qat")
-  teacher = load_teacher(config, run.workdir)
-  student = quantize_from_float(teacher, quantized_config(config.model), seed=seed)
+  teacher = _teacher(config, run)
+  if run.abstract:  # the structure quantize_from_float gives
+    student = run.model(lambda: create_model(quantized_config(config.model), nnx.Rngs(seed)))
+  else:
+    student = quantize_from_float(teacher, quantized_config(config.model), seed=seed)
   schedule = _epoch_schedule(hyper, run)
   tx = _adamw(config, hyper, schedule, student)
 
@@ -191,9 +213,9 @@ def cga_model_config(config) -> ml_collections.ConfigDict:
 
 def build_cga_plan(config, run: Run) -> StagePlan:
   hyper, seed = config.cga, run.seed("cga")
-  teacher = load_teacher(config, run.workdir)
+  teacher = _teacher(config, run)
   # Only the structure matters: the values come from the QAT checkpoint.
-  student = create_model(cga_model_config(config), nnx.Rngs(seed))
+  student = nnx.eval_shape(lambda: create_model(cga_model_config(config), nnx.Rngs(seed)))
   bits = cga.target_bits(nnx.state(student, nnx.Param),
                          cga_targets(student, cga.stage_targets(hyper)))
   min_lr = config.qat.min_lr
@@ -251,7 +273,7 @@ def _qat_spec(config, run: Run) -> step.StateSpec | None:
   qat_model = quantized_config(config.model)
   if qk_form(qat_model.quant) == qk_form(cga_model_config(config).quant):
     return None
-  student = create_model(qat_model, nnx.Rngs(0))  # a structure (the tracker reads values)
+  student = nnx.eval_shape(lambda: create_model(qat_model, nnx.Rngs(0)))  # a structure
   schedule = lambda count: jnp.full((), config.qat.min_lr, jnp.float32)
   return step.create_train_state(student, _adamw(config, config.qat, schedule, student),
                                  run.mesh, tracking=config.get("tracking"),

@@ -28,6 +28,7 @@ from ofq_jax.models.tracker import (LegacyTracker, OscillationTracker, create_tr
                                     weight_scales)
 
 State = dict[str, Any]
+TEACHER_SCOPE = "teacher"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,10 +88,15 @@ def initial_state(model: nnx.Module, tx: optax.GradientTransformation, spec: Sta
   return state
 
 
-def place_teacher(model: nnx.Module, mesh: Mesh, min_size: int = 2 ** 12) -> Teacher:
+def place_teacher(model: nnx.Module, mesh: Mesh, min_size: int = 2 ** 12, *,
+                  abstract: bool = False) -> Teacher:
+  """The teacher's values placed by the fsdp rule; ``abstract``: its shapes carrying those
+  shardings (a plan's teacher, ``model`` then a structure)."""
   graphdef, state = nnx.split(model)
   shardings = sharding.state_shardings(state, mesh, min_size)
-  return Teacher(graphdef, shardings, sharding.place(state, shardings))
+  values = (sharding.abstract(state, shardings) if abstract
+            else sharding.place(state, shardings))
+  return Teacher(graphdef, shardings, values)
 
 
 def tracker_start_fn(spec: StateSpec) -> Callable[[Any, Any], Any]:
@@ -158,8 +164,9 @@ def make_train_step(spec: StateSpec, loss: Callable[..., jax.Array],
     new_buffers = nnx.state(model, QuantBuffer)
     if teacher is None:
       return loss(outputs, batch), new_buffers
-    teacher_model = nnx.merge(teacher.graphdef, teacher_state)
-    return loss(outputs, batch, teacher_model(batch["image"], train=True)), new_buffers
+    with jax.named_scope(TEACHER_SCOPE):  # how a plan's census tells its dots apart
+      teacher_logits = nnx.merge(teacher.graphdef, teacher_state)(batch["image"], train=True)
+    return loss(outputs, batch, teacher_logits), new_buffers
 
   def step_fn(state, batch, teacher_state=None):
     (value, buffers), grads = jax.value_and_grad(loss_fn, has_aux=True)(

@@ -36,6 +36,7 @@ from ofq_jax.checkpointing import Checkpointer, load_model_dir, save_model_dir
 from ofq_jax.errors import UserError
 from ofq_jax.metrics import MetricsWriter, Progress
 from ofq_jax.models import create_model, float_config, quantized_config  # noqa: F401
+from ofq_jax.models.config import resolve_platform_defaults
 
 FAULT_ENV = preemption.FAULT_ENV
 save_model, load_model = save_model_dir, load_model_dir  # the names before the move
@@ -254,6 +255,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   summary also written to ``workdir/summary.json``."""
   start = time.time()
   workdir = os.path.abspath(workdir)
+  config = resolve_platform_defaults(config)
   preflight(config, workdir)
   run = stages.Run(config, workdir, data_lib.build(config.data),
                    sharding.make_mesh(config.mesh.data, config.mesh.fsdp))

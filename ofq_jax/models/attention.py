@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ofq_jax import target
 from ofq_jax.models.layers import (Levels, Precision, QDense, WeightLevels,
                                    activation_levels, default_kernel_init, move_bias,
                                    quantized_dense)
@@ -311,6 +312,63 @@ class QKRAttention(nnx.Module, RoundsTensors):
       logits = jnp.reshape(logits, (batch, tokens, tokens, heads))
     return jnp.transpose(logits, (0, 3, 1, 2))
 
+  def _key_gemm(self, xq: jax.Array, x_levels: Levels | None) -> jax.Array:
+    """The keys ``(B, N, H, D)`` from one ``(B*N, D) @ (D, H*D)`` GEMM (CPUs)."""
+    batch, tokens, dim = xq.shape
+    keys = quantized_dense(xq, _product_columns(self.quantized_qk_product()), self.precision,
+                           self.spec, x_levels, self._weight_levels("qk_product"))
+    return jnp.reshape(keys, (batch, tokens, self.num_heads, dim))
+
+  def _key_product(self, xq: jax.Array, x_levels: Levels | None) -> jax.Array:
+    """The keys ``(B, N, H, D)`` as one dot of ``xq`` with ``W_qk`` as stored ``(H, D_r,
+    D_c)``: no reshape of the product, no split of a flat output (each a copy on a TPU)."""
+    wqk = self.quantized_qk_product()
+    dims = (((2,), (2,)), ((), ()))
+    how = self._integer_plan(x_levels, xq.shape[-1])
+    if how is None:
+      return jax.lax.dot_general(xq, wqk, dims, precision=self.precision)
+    integers = self.weight_integers("qk_product")  # (H, D_r, D_c)
+    unit = jnp.reshape(self.weight_unit("qk_product"), wqk.shape[:2])  # (H, D_r)
+    sums = integer.levels_dot(x_levels.levels, integers, dims, how)
+    exact = sums.astype(xq.dtype) * x_levels.unit[..., None] * unit
+    exact = exact + jnp.einsum("c,hrc->hr", x_levels.shift, wqk,
+                               precision=jax.lax.Precision.HIGHEST)
+    return integer.exact_product(xq, wqk, exact, dims, how)
+
+  def _logits_product(self, xq: jax.Array, x_levels: Levels | None, keys: Operand
+                      ) -> jax.Array:
+    """``_softmax_logits`` as one dot over the tensors' own axes, ``(B, N_i, N_j, H)``
+    then ``(B, H, N_i, N_j)``; the integer form leaves out the same row constants."""
+    dims = (((2,), (3,)), ((0,), (0,)))
+    how = (self._integer_plan(x_levels, xq.shape[-1], keys.level_range)
+           if keys.levels is not None else None)
+    if how is None:
+      logits = jax.lax.dot_general(xq, keys.value, dims, precision=self.precision)
+    else:
+      batch, tokens, heads, _ = keys.value.shape
+      sums = integer.levels_dot(x_levels.levels, keys.levels, dims, how)
+      key_unit = jnp.reshape(keys.unit, keys.unit.shape[:1] + (1, tokens, heads))
+      # m . (keys - a_h) = keys . m - a_h . m; a row constant dropped, as on CPUs.
+      query_term = jnp.einsum("bjhr,r->bjh", keys.value, x_levels.shift,
+                              precision=jax.lax.Precision.HIGHEST)[:, None]
+      exact = sums.astype(xq.dtype) * x_levels.unit[..., None] * key_unit + query_term
+      logits = integer.exact_product(xq, keys.value, exact, dims, how)
+    return jnp.transpose(logits, (0, 3, 1, 2))
+
+  def _integer_plan(self, x_levels: Levels | None, depth: int,
+                    other: tuple[int, int] | None = None) -> integer.IntegerPlan | None:
+    """The exact plan of a product of the quantized input with the quantized ``W_qk``
+    (or ``other``'s levels), or None to keep fake quantization."""
+    if self.spec.matmul != "integer" or x_levels is None:
+      return None
+    if other is None:
+      if not self.spec.quantize_weights:
+        return None
+      other = self.declaration("qk_product").rounding.level_range
+    return integer.plan(depth, x_levels.level_range, other,
+                        operand=self.spec.matmul_operands, backward=self.spec.matmul_backward,
+                        dtype=x_levels.levels.dtype)
+
   def quantized_qk_product(self) -> jax.Array:
     return self.rounded("qk_product") if self.spec.quantize_weights else self.qk_product()
 
@@ -333,15 +391,14 @@ class QKRAttention(nnx.Module, RoundsTensors):
     v = v.split_heads(heads, head_dim).transpose((0, 2, 1, 3))  # (B, H, N, d)
 
     # Key side: t[b, j, h, r] = sum_c W_qk[h, r, c] xq[b, j, c], one GEMM over all heads.
-    wqk_2d = _product_columns(self.quantized_qk_product())
-    keys = quantized_dense(xq, wqk_2d, self.precision, self.spec, x_levels,
-                           self._weight_levels("qk_product"))
-    keys = jnp.reshape(keys, (batch, tokens, heads, dim))
+    flat = target.platform() == "cpu"  # one 2-D GEMM on CPUs, the tensors' own axes else
+    keys = (self._key_gemm(xq, x_levels) if flat else self._key_product(xq, x_levels))
     if acts:
       keys = keys + jnp.reshape(self.move_qkx_b4[...], (heads, dim))
     keys = quantize_operand(keys, self.qkx_quant,
                             jnp.reshape(self.move_qkx_aft[...], (heads, dim)) if acts else None)
-    logits = self._softmax_logits(xq, x_levels, keys)
+    logits = (self._softmax_logits(xq, x_levels, keys) if flat
+              else self._logits_product(xq, x_levels, keys))
     if self.key_bias is not None:
       key_term = jnp.einsum("bjc,hc->bhj", xq, self.key_bias[...], precision=self.precision)
       logits = logits + key_term[:, :, None, :]

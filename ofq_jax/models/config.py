@@ -52,11 +52,12 @@ def quant_defaults() -> ml_collections.ConfigDict:
   quant.qk_form = "factors"
   # How quantized matmuls run (ofq_jax.quant.integer): 'fake' (float32 fake-quant, the
   # reference's arithmetic) or 'integer' (integer levels, exact sums, scales outside; the
-  # same gradients). Operand dtype: 'auto' (per platform) | float32 | bfloat16 | int8;
-  # backward matmul precision: float32 | bf16x3 | bf16.
-  quant.matmul = "fake"
+  # same gradients); 'auto': integer on TPUs, fake elsewhere. Operand dtype: 'auto' (per
+  # platform) | float32 | bfloat16 | int8; backward matmul precision: float32 | bf16x3 |
+  # bf16 | 'auto' (bf16 on TPUs, float32 elsewhere): integer.PLATFORM_DEFAULTS.
+  quant.matmul = "auto"
   quant.matmul_operands = "auto"
-  quant.matmul_backward = "float32"
+  quant.matmul_backward = "auto"
   # Extra rules before the defaults, e.g. ('blocks\\.0\\..*=float', 'head=w8a8:lsq');
   # see ofq_jax.quant.rules.
   quant.rules = ()
@@ -139,7 +140,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   choices = dict(weight_method=WEIGHT_METHODS, attention=ATTENTIONS, attn_proj_init=ATTN_INITS,
                  attn_qkv_init=ATTN_INITS, qk_bias=QK_BIASES, matmul=integer.MATMULS,
                  matmul_operands=integer.OPERANDS,
-                 matmul_backward=tuple(integer.BACKWARD_PRECISIONS))
+                 matmul_backward=integer.BACKWARDS)
   for field, allowed in choices.items():
     if quant[field] not in allowed:
       raise UserError(f"quant.{field}={quant[field]!r} is not one of {allowed}.")
@@ -205,6 +206,19 @@ def stored_model_differences(stored: ml_collections.ConfigDict,
   keys = sorted(k for k in set(old) & set(new) if k not in STORAGE_BLIND_KEYS
                 and not (float_model and k.startswith("quant.")))
   return [f"{k}: {old[k]!r} stored, {new[k]!r} asked" for k in keys if old[k] != new[k]]
+
+
+def resolve_platform_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of a training ``config`` whose ``model.quant`` says what runs on the platform
+  traced for (``'auto'`` matmul settings resolved, ``integer.PLATFORM_DEFAULTS``): what a
+  run records (``run.json``) and resumes against, so a run started on a CPU and resumed
+  on a TPU is told that its matmuls would change."""
+  config = copy.deepcopy(config)
+  quant = config.model.quant
+  for key in ("matmul", "matmul_backward"):
+    if key in quant:
+      quant[key] = integer.resolve(key, quant[key])
+  return config
 
 
 def float_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

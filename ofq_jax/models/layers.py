@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ofq_jax import target
 from ofq_jax.models.quantizers import ImageQuantizer, LsqQuantizer
 from ofq_jax.models.rounded import Rounds, RoundsTensors
 from ofq_jax.quant import integer
@@ -43,12 +44,16 @@ def torch_default_linear_init(key: jax.Array, in_features: int, out_features: in
 
 
 def dense(x: jax.Array, kernel: jax.Array, precision: Precision) -> jax.Array:
-  """``x @ kernel`` over the last axis, as one 2-D GEMM.
+  """``x @ kernel`` over the last axis: one 2-D GEMM on a CPU, a dot over ``x``'s own
+  axes elsewhere.
 
   XLA's CPU backend runs the weight gradient of a 3-D ``(B, N, C) @ (C, D)`` matmul
   (a contraction over two axes) far slower than the same product flattened to
-  ``(B*N, C)``; on accelerators the reshape is free.
+  ``(B*N, C)``. On a TPU the flattening is a copy whenever ``N`` is not a multiple of
+  the 8-row tile (DeiT's 198 tokens): a relayout of every activation and gradient.
   """
+  if target.platform() != "cpu":
+    return jnp.matmul(x, kernel, precision=precision)
   lead = x.shape[:-1]
   y = jnp.matmul(jnp.reshape(x, (-1, x.shape[-1])), kernel, precision=precision)
   return jnp.reshape(y, lead + (kernel.shape[-1],))

@@ -108,7 +108,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                  attn_proj_init=ATTN_INITS, attn_qkv_init=ATTN_INITS,
                  position_table_init=ATTN_INITS,
                  matmul_operands=integer.OPERANDS,
-                 matmul_backward=tuple(integer.BACKWARD_PRECISIONS))
+                 matmul_backward=integer.BACKWARDS)
   for field, allowed in choices.items():
     if quant[field] not in allowed:
       raise UserError(f"model.quant.{field}={quant[field]!r} is not one of {allowed}.")

@@ -209,6 +209,20 @@ class WeightTracker(nnx.Module):
     self.grid_flips.set_value(jnp.asarray(flips, jnp.float32))
 
 
+def _level_and_scale_shapes(model: nnx.Module, followed: tuple[rounded.RoundedTensor, ...]
+                            ) -> tuple[list[tuple[int, ...]], list[int]]:
+  """Each followed tensor's level shape and scale count, from shapes alone: ``model``
+  may hold values or be abstract (``nnx.eval_shape``, a plan's model)."""
+  graphdef, state = nnx.split(model)
+
+  def shapes(state):
+    modules = _modules(nnx.merge(graphdef, state))
+    return [(weight_levels(modules[w.path], w), weight_scale(modules[w.path], w))
+            for w in followed]
+  found = jax.eval_shape(shapes, state)
+  return [levels.shape for levels, _ in found], [scale.shape[0] for _, scale in found]
+
+
 def _part_sums(mask: jax.Array, parts: tuple[Part, ...]) -> jax.Array:
   """Count of True entries of ``mask`` in each part."""
   return jnp.stack([jnp.sum(mask[p.index].astype(jnp.float32)) for p in parts])
@@ -242,11 +256,7 @@ class OscillationTracker(nnx.Module):
     self.every_steps = int(every_steps)
     self.fixed_grid = bool(fixed_grid)
     self.grid_every_updates = max(1, int(grid_every_steps) // self.every_steps)
-    modules = _modules(model)
-    shapes = [jax.eval_shape(lambda w=w: weight_levels(modules[w.path], w)).shape
-              for w in self.followed]
-    scale_sizes = [jax.eval_shape(lambda w=w: weight_scale(modules[w.path], w)).shape[0]
-                   for w in self.followed]
+    shapes, scale_sizes = _level_and_scale_shapes(model, self.followed)
     self.parts = tuple(tensor_parts(w, shape, implied=i >= len(self.weights))
                        for i, (w, shape) in enumerate(zip(self.followed, shapes)))
     self.trackers = nnx.List([WeightTracker(shape, size, len(parts), self.fixed_grid)

@@ -28,12 +28,32 @@ import functools
 import jax
 import jax.numpy as jnp
 
-MATMULS = ("fake", "integer")
+from ofq_jax import target
+
+MATMULS = ("auto", "fake", "integer")
 OPERANDS = ("auto", "float32", "bfloat16", "int8")
 BACKWARD_PRECISIONS = {"float32": jax.lax.Precision.HIGHEST, "bf16x3": jax.lax.Precision.HIGH,
                        "bf16": jax.lax.Precision.DEFAULT}
 """The backward matmuls' precision; ``bf16`` also casts their operands to bfloat16
 (float32 sums), so that it means one bf16 pass on every platform, the CPU included."""
+BACKWARDS = ("auto",) + tuple(BACKWARD_PRECISIONS)
+
+PLATFORM_DEFAULTS = {"tpu": {"matmul": "integer", "matmul_backward": "bf16"}}
+"""What ``quant.matmul='auto'`` / ``quant.matmul_backward='auto'`` mean per platform.
+On a TPU: integer levels (int8 operands, int32 sums: the forward is the reference's
+numbers, exactly) and bf16 backward matmuls, the TPU's one-pass rate, as its float
+training runs; float32 there is six bf16 passes, slower to compile and to run
+(BENCHMARKS.md, "TPU plans"). Elsewhere: the reference's float32 fake-quant (CPU; GPUs
+are not measured yet)."""
+ELSEWHERE = {"matmul": "fake", "matmul_backward": "float32"}
+
+
+def resolve(key: str, value: str) -> str:
+  """``quant.<key>`` (``matmul`` or ``matmul_backward``) as the platform traced for runs
+  it: ``'auto'`` becomes ``PLATFORM_DEFAULTS``' choice, anything else stays."""
+  if value != "auto":
+    return value
+  return PLATFORM_DEFAULTS.get(target.platform(), ELSEWHERE)[key]
 
 # Largest integer sum an accumulator holds exactly; the integers a dtype holds exactly.
 _EXACT_SUM = {"int32": 2 ** 31 - 1, "float32": 2 ** 24, "float64": 2 ** 53}
@@ -45,10 +65,12 @@ _ACCUMULATOR = {"int8": "int32", "bfloat16": "float32", "float32": "float32",
 
 @dataclasses.dataclass(frozen=True)
 class IntegerPlan:
-  """How one product runs: operand and accumulator dtypes, the backward's precision."""
+  """How one product runs: operand and accumulator dtypes, the backward's precision, and
+  whether a dense layer's rows are flattened into one GEMM (CPUs: ``layers.dense``)."""
   operand: str
   accumulator: str
   backward: jax.lax.Precision
+  flatten: bool = True
 
 
 @functools.cache
@@ -64,9 +86,12 @@ def _cpu_has_bf16_dot() -> bool:
 
 
 def default_operand(platform: str) -> str:
-  """The fastest exact operand dtype per platform, from measurements: int8 on GPUs (int8
-  tensor cores), bfloat16 on TPUs and on CPUs with a hardware bf16 dot, else float32."""
-  if platform in ("gpu", "cuda", "rocm"):
+  """The fastest exact operand dtype per platform: int8 on GPUs (int8 tensor cores) and
+  TPUs (the MXU multiplies int8 at twice its bf16 rate on v5e, v5p and v6e, at the same
+  rate on v4, and int8 operands are half the bytes: ``ofq_jax.plan.chips``), bfloat16
+  on CPUs with a hardware bf16 dot (measured about 2x XLA:CPU's float32 GEMM,
+  BENCHMARKS.md), else float32."""
+  if platform in ("gpu", "cuda", "rocm", "tpu"):
     return "int8"
   if platform == "cpu":
     return "bfloat16" if _cpu_has_bf16_dot() else "float32"
@@ -96,7 +121,8 @@ def plan(depth: int, x_levels: LevelRange, w_levels: LevelRange, *, operand: str
   ``x_levels`` and ``w_levels`` (inclusive), or None when no operand / accumulator pair
   is exact (the caller keeps fake-quant).
 
-  ``operand='auto'`` picks the platform's fastest (``default_operand``) and falls back to
+  ``operand='auto'`` picks the fastest on the platform traced for (``default_operand`` of
+  ``ofq_jax.target.platform()``) and falls back to
   wider dtypes when the levels do not fit. On a CPU every product gains on levels now
   that none reads a transposed copy (``_levels_product``; packed DeiT-S at batch 64 with
   its QKR logits on levels vs float32: 1.69x vs 1.53x the fake-quant eval, BENCHMARKS.md).
@@ -110,7 +136,7 @@ def plan(depth: int, x_levels: LevelRange, w_levels: LevelRange, *, operand: str
   if jnp.dtype(dtype) == jnp.float64:
     candidates = ["float64"]
   elif operand == "auto":
-    first = default_operand(jax.default_backend())
+    first = default_operand(target.platform())
     candidates = ["int8", "bfloat16", "float32"][["int8", "bfloat16", "float32"].index(first):]
   else:
     candidates = [operand]
@@ -119,7 +145,8 @@ def plan(depth: int, x_levels: LevelRange, w_levels: LevelRange, *, operand: str
     accumulator = _ACCUMULATOR[name]
     if (_holds(name, x_levels) and _holds(name, w_levels)
         and bound <= _EXACT_SUM[accumulator]):
-      return IntegerPlan(name, accumulator, BACKWARD_PRECISIONS[backward])
+      return IntegerPlan(name, accumulator, BACKWARD_PRECISIONS[backward],
+                         flatten=target.platform() == "cpu")
   return None
 
 
@@ -156,11 +183,13 @@ def integer_dense(x: jax.Array, w: jax.Array, levels_x: jax.Array, unit_x: jax.A
   """
   lead = x.shape[:-1]
   operand = jnp.dtype(how.operand)
+  rows = _as_2d if how.flatten else (lambda t: t)
   sums = jax.lax.dot_general(
-      _as_2d(levels_x).astype(operand), levels_w.astype(operand), (((1,), (0,)), ((), ())),
+      rows(levels_x).astype(operand), levels_w.astype(operand),
+      (((levels_x.ndim - 1 if not how.flatten else 1,), (0,)), ((), ())),
       preferred_element_type=jnp.dtype(how.accumulator))
-  rows = jnp.reshape(jnp.broadcast_to(unit_x, lead + (1,)), (-1, 1))
-  out = (sums.astype(x.dtype) * rows) * unit_w
+  units = jnp.broadcast_to(unit_x, lead + (1,))
+  out = (sums.astype(x.dtype) * (jnp.reshape(units, (-1, 1)) if how.flatten else units)) * unit_w
   out = out + jnp.matmul(shift[None, :], w, precision=jax.lax.Precision.HIGHEST)
   return jnp.reshape(out, lead + (w.shape[-1],))
 
@@ -168,6 +197,15 @@ def integer_dense(x: jax.Array, w: jax.Array, levels_x: jax.Array, unit_x: jax.A
 def _integer_dense_fwd(x, w, levels_x, unit_x, shift, levels_w, unit_w, how):
   out = integer_dense(x, w, levels_x, unit_x, shift, levels_w, unit_w, how)
   return out, (x, w, levels_x, unit_x, shift, levels_w, unit_w)
+
+
+def _backward_dot(how: IntegerPlan, a: jax.Array, b: jax.Array, dims) -> jax.Array:
+  """``lax.dot_general(a, b, dims)`` at the plan's backward precision (``bf16``:
+  bfloat16 operands, float32 sums)."""
+  if how.backward == jax.lax.Precision.DEFAULT:
+    return jax.lax.dot_general(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), dims,
+                               preferred_element_type=jnp.float32).astype(a.dtype)
+  return jax.lax.dot_general(a, b, dims, precision=how.backward)
 
 
 def _backward_matmul(how: IntegerPlan, a: jax.Array, b: jax.Array) -> jax.Array:
@@ -180,10 +218,15 @@ def _backward_matmul(how: IntegerPlan, a: jax.Array, b: jax.Array) -> jax.Array:
 
 def _integer_dense_bwd(how, residuals, g):
   x, w, *described = residuals
+  zeros = tuple(jnp.zeros_like(a) for a in described)
+  if not how.flatten:  # over x's own axes: no (rows, features) copies of x and g
+    lead = tuple(range(x.ndim - 1))
+    dx = _backward_dot(how, g, w, (((x.ndim - 1,), (1,)), ((), ())))
+    dw = _backward_dot(how, x, g, ((lead, lead), ((), ())))
+    return (dx, dw) + zeros
   g2 = _as_2d(g)
   dx = jnp.reshape(_backward_matmul(how, g2, w.T), x.shape)
   dw = _backward_matmul(how, _as_2d(x).T, g2)
-  zeros = tuple(jnp.zeros_like(a) for a in described)
   return (dx, dw) + zeros
 
 
@@ -263,10 +306,53 @@ def _integer_matmul_fwd(a, b, levels_a, unit_a, shift_a, levels_b, unit_b, shift
 def _integer_matmul_bwd(how, levels_axes, residuals, g):
   del levels_axes
   a, b, *described = residuals
-  # Batched with broadcast batch axes: the fake matmul's own VJP does the bookkeeping,
-  # at the plan's precision (no bf16 cast here: the dense layers hold most of the FLOPs).
-  _, vjp = jax.vjp(lambda x, y: jnp.matmul(x, y, precision=how.backward), a, b)
-  return vjp(g) + tuple(None if d is None else jnp.zeros_like(d) for d in described)
+  # Batched with broadcast batch axes: the fake matmul's own transposes do the
+  # bookkeeping, at the plan's precision (no bf16 cast here: the dense layers hold most
+  # of the FLOPs); no primal product is traced (a plan's census counts every dot).
+  product = lambda x, y: jnp.matmul(x, y, precision=how.backward)
+  da, = jax.linear_transpose(lambda x: product(x, b), a)(g)
+  db, = jax.linear_transpose(lambda y: product(a, y), b)(g)
+  return (da, db) + tuple(None if d is None else jnp.zeros_like(d) for d in described)
 
 
 integer_matmul.defvjp(_integer_matmul_fwd, _integer_matmul_bwd)
+
+
+def levels_dot(levels_a: jax.Array, levels_b: jax.Array, dims, how: IntegerPlan) -> jax.Array:
+  """``lax.dot_general`` of two integer-level tensors in the plan's operand and
+  accumulator dtypes: exact sums (``plan`` checked the bound)."""
+  operand = jnp.dtype(how.operand)
+  return jax.lax.dot_general(levels_a.astype(operand), levels_b.astype(operand), dims,
+                             preferred_element_type=jnp.dtype(how.accumulator))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def exact_product(a: jax.Array, b: jax.Array, exact: jax.Array, dims, how: IntegerPlan
+                  ) -> jax.Array:
+  """``exact``: ``lax.dot_general(a, b, dims)`` as computed from integer levels (units
+  and shifts applied), differentiated as that fake product, for ``a`` and ``b`` alone.
+
+  The general form of ``integer_dense`` / ``integer_matmul`` for the layouts an
+  accelerator keeps (no flattening): any dot over the operands' own axes. Under a bf16
+  backward the residuals are kept in bfloat16, the precision the backward dots read
+  them at (half the bytes)."""
+  del a, b, dims, how
+  return exact
+
+
+def _exact_product_fwd(a, b, exact, dims, how):
+  keep = ((lambda t: t.astype(jnp.bfloat16)) if how.backward == jax.lax.Precision.DEFAULT
+          else (lambda t: t))
+  return exact, (keep(a), keep(b))
+
+
+def _exact_product_bwd(dims, how, residuals, g):
+  a, b = (t.astype(g.dtype) for t in residuals)
+  product = lambda x, y: jax.lax.dot_general(x, y, dims, precision=how.backward)
+  # Each operand's cotangent is the transpose of the product linear in it: no primal.
+  da, = jax.linear_transpose(lambda x: product(x, b), a)(g)
+  db, = jax.linear_transpose(lambda y: product(a, y), b)(g)
+  return da, db, None
+
+
+exact_product.defvjp(_exact_product_fwd, _exact_product_bwd)

@@ -24,6 +24,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ofq_jax.errors import UserError
+from ofq_jax.quant import integer
 from ofq_jax.quant.shapes import check_bits
 
 WEIGHT_METHODS = ("statsq", "lsq")
@@ -141,9 +142,11 @@ class QuantRules:
     user: Sequence[Any] = tuple(quant.get("rules", ()) or ())
     rules = [parse_rule(r) for r in user] + default_rules(
         quant.weight_bits, quant.act_bits, quant.weight_method)
-    shared = dict(grad_batch=quant.get("lsq_grad_batch"), matmul=quant.get("matmul", "fake"),
+    shared = dict(grad_batch=quant.get("lsq_grad_batch"),
+                  matmul=integer.resolve("matmul", quant.get("matmul", "fake")),
                   matmul_operands=quant.get("matmul_operands", "auto"),
-                  matmul_backward=quant.get("matmul_backward", "float32"))
+                  matmul_backward=integer.resolve("matmul_backward",
+                                                  quant.get("matmul_backward", "float32")))
     return cls([(pattern, dataclasses.replace(spec, **shared))
                 for pattern, spec in rules], num_user=len(user))
 
