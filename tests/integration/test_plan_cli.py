@@ -1,5 +1,5 @@
-"""``python -m ofq_jax.plan`` as a user runs it: the table and ``--json`` carry the same
-numbers; a bad topology or batch is one ``error:`` line (exit status 2)."""
+"""``python -m ofq_jax.plan`` as a user runs it: ``--json`` prints the plan, ``--help`` the
+flags, and a bad topology or batch is one ``error:`` line (exit status 2)."""
 
 import json
 import subprocess
@@ -19,25 +19,22 @@ def run(*extra: str) -> subprocess.CompletedProcess:
                         timeout=600, check=False)
 
 
-def test_table_and_json_hold_the_same_plan():
-  table, as_json = run(), run("--json")
-  assert table.returncode == 0 and as_json.returncode == 0, table.stderr[-2000:]
-  plan = json.loads(as_json.stdout)
+def test_a_plan_as_json():
+  """One run; the table's formatting of the same numbers is tested in-process
+  (``tests/unit/plan``)."""
+  result = run("--json")
+  assert result.returncode == 0, result.stderr[-2000:]
+  plan = json.loads(result.stdout)
   stage = plan["stages"][0]
   assert plan["topology"] == "v5e:2x2" and plan["devices"] == 4 and stage["stage"] == "qat"
   assert stage["memory"]["fits"] and stage["student_int8_share"] > 0
-  text = table.stdout
-  assert "4 x TPU v5 lite" in text and "stage qat: 16 images per device" in text
-  assert f"= {stage['memory']['total'] / 1e9:.2f} GB of " in text
-  assert f"{stage['flops_per_image'] / 1e9:.3g} GFLOP" in text
-  assert "error" not in table.stderr.lower() and "INVALID_ARGUMENT" not in table.stderr
+  assert stage["memory"]["total"] < stage["memory"]["capacity"] and stage["per_device_batch"] == 16
+  assert "INVALID_ARGUMENT" not in result.stderr  # libtpu's pod probing is kept quiet
 
 
 def test_mistakes_are_one_line():
   for extra, says in ((["--topology=v5e:3x3"], "libtpu refuses it"),
-                      (["--per_chip_batch=0"], "--per_chip_batch=0 must be at least 1"),
-                      (["--config.mesh.fsdp=3"], "mesh.fsdp=3 must divide"),
-                      (["--topology=h100"], "is not <chip>:<shape>")):
+                      (["--per_chip_batch=0"], "--per_chip_batch=0 must be at least 1")):
     result = run(*extra)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and lines[-1].startswith("error: ") and says in lines[-1], (

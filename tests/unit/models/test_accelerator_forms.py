@@ -19,11 +19,11 @@ from support.runs import digits_config
 
 
 def _model(matmul: str, backward: str = "float32"):
-  config = model_config(None, embed_dim=64, depth=2, num_heads=2, patch_size=8, img_size=32,
+  config = model_config(None, embed_dim=32, depth=1, num_heads=2, patch_size=8, img_size=16,
                         num_classes=10, quant=dict(enabled=True, matmul=matmul,
                                                    matmul_backward=backward))
   model = create_model(config, nnx.Rngs(0))
-  images = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+  images = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
   calibrate(model, images)
   return model, images
 

@@ -64,17 +64,10 @@ def test_every_stage_compiles_abstractly_with_data_and_fsdp_axes(compiled):
                                               stage.roofline.memory_seconds)
   assert plan.hours == pytest.approx(sum(s.steps * s.roofline.step_seconds
                                          for s in plan.stages) / 3600)
-
-
-def test_integer_matmuls_are_int8_dots_on_a_tpu(compiled):
-  """quant.matmul='auto' is integer on a TPU: int8 x int8 -> int32 dots in the compiled
-  step; 'fake' has none. The census agrees with the program."""
-  auto = planner.plan(tiny(), "v5e:2x2", stage_names=("qat",), per_chip_batch=2)
-  fake = planner.plan(tiny(**{"model.quant.matmul": "fake"}), "v5e:2x2",
-                      stage_names=("qat",), per_chip_batch=2)
-  assert INT8_DOT.search(compiled[0].as_text()) and not INT8_DOT.search(compiled[1].as_text())
-  assert auto.stages[0].dots.share("int8") > 0.2 and fake.stages[0].dots.share("int8") == 0
-  assert fake.stages[0].dots.share("f32 highest") > 0.9  # the reference's float32 fake-quant
+  # quant.matmul='auto' is integer on a TPU: int8 x int8 -> int32 dots, as the census says.
+  qat = plan.stages[1]
+  assert INT8_DOT.search(compiled[1].as_text()) and qat.dots.share("int8") > 0.2
+  assert not INT8_DOT.search(compiled[0].as_text())  # the float stage has none
 
 
 def test_fsdp_divides_the_arguments_per_chip():
@@ -98,11 +91,16 @@ def test_swin_plans(topology, fsdp):
   assert plan.mesh_shape == (len(plan.topology.devices) // fsdp, fsdp)
 
 
-def test_the_recipe_is_every_stage_with_steps():
-  config = tiny()
+def test_the_recipe_is_every_stage_with_steps(compiled):
+  """Without float epochs the recipe is QAT and CGA; with ``quant.matmul='fake'`` (the
+  reference's float32 fake-quant) no dot is int8, nearly all are float32 'highest'."""
+  config = tiny(**{"model.quant.matmul": "fake"})
   config.float.epochs = 0
   plan = planner.plan(config, "v5e:2x2", per_chip_batch=1)
   assert [s.stage for s in plan.stages] == ["qat", "cga"]
+  assert not any(INT8_DOT.search(program.as_text()) for program in compiled)
+  assert plan.stages[0].dots.share("int8") == 0
+  assert plan.stages[0].dots.share("f32 highest") > 0.9
   text = report.as_text(plan)
   for stage in plan.stages:  # the table prints what the JSON holds
     assert f"{stage.compile_seconds:.0f} s" in text
