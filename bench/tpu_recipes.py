@@ -3,6 +3,8 @@
   python bench/tpu_recipes.py                                   # every row, v5e:4x4 + v5p:2x2x2
   python bench/tpu_recipes.py --models small --bits 2 --topologies v5e:4x4 --float-baseline
   python bench/tpu_recipes.py --models tiny --bits 2 3 --json
+  python bench/tpu_recipes.py --out rows.jsonl ...   # each recipe's rows as it finishes; a rerun skips them
+  python bench/tpu_recipes.py --table rows.jsonl     # the table of rows already planned, no compiling
 
 Each row is one recipe (``configs/imagenet.py:model=...,bits=...``: QAT 310 epochs, then
 CGA 30) on one topology at the recipe's per-GPU batch per chip: whether each stage fits
@@ -81,6 +83,14 @@ def print_table(rows: list[dict]) -> None:
           flush=True)
 
 
+def read_rows(path: str) -> list[dict]:
+  """The rows of a ``--out`` file (none when it does not exist yet)."""
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
 def main(argv=None) -> list[dict]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--models", nargs="+", default=["tiny", "small", "swin_t"])
@@ -89,7 +99,18 @@ def main(argv=None) -> list[dict]:
   parser.add_argument("--stages", nargs="*", default=None, help="default: the recipe's")
   parser.add_argument("--float-baseline", action="store_true")
   parser.add_argument("--json", action="store_true")
+  parser.add_argument("--out", help="append each recipe's rows to this JSON-lines file as it "
+                      "finishes, and skip the recipes it already holds (a Swin-T row compiles "
+                      "for ~10 minutes on 2 cores: a long run survives being stopped)")
+  parser.add_argument("--table", metavar="JSONL", help="print the table of a --out file and exit")
   args = parser.parse_args(argv)
+  if args.table:
+    rows = read_rows(args.table)
+    if args.json:
+      print(json.dumps({"rows": rows}))
+    else:
+      print_table(rows)
+    return rows
   from ofq_jax import target  # pylint: disable=import-outside-toplevel
   from ofq_jax.plan import planner  # pylint: disable=import-outside-toplevel
   target.skip_absent_tpu()
@@ -97,12 +118,19 @@ def main(argv=None) -> list[dict]:
   if args.float_baseline:
     jobs.insert(0, ("small float (baseline)", "small", 2, FLOAT_STUDENT))
   rows, start = [], time.time()
+  done = {(r["row"], r["topology"]) for r in read_rows(args.out)} if args.out else set()
   for topology in args.topologies:
     for label, model, bits, overrides in jobs:
+      if (label, topology) in done:
+        continue
       stages = ("qat",) if overrides else args.stages
       plan = planner.plan(recipe(model, bits, overrides), topology, stage_names=stages,
                           log=lambda text: print(text, file=sys.stderr, flush=True))
-      rows += rows_of(label, model, bits, topology, plan)
+      new = rows_of(label, model, bits, topology, plan)
+      rows += new
+      if args.out:
+        with open(args.out, "a", encoding="utf-8") as f:
+          f.writelines(json.dumps(r) + "\n" for r in new)
   if args.json:
     print(json.dumps({"rows": rows, "seconds": time.time() - start}))
   else:

@@ -35,6 +35,7 @@ def _flag_error_line(error: BaseException, argv: list[str]) -> str:
                  if a.split("=")[0].startswith("--config.") and
                  a.split("=")[0].endswith("." + key)), "--config.*")
     hint = next((w for w in words if w.startswith("Did you mean")), "")
-    return one_line(f"{flag}: the config has no key {key!r}. {hint} (python -m ofq_jax.main "
-                    "--helpfull lists the keys)")
+    return one_line(f"{flag}: the config has no key {key!r}. {hint} (the keys are the "
+                    "fields of the config file's get_config(); docs/training.md shows how to "
+                    "print them)")
   return one_line(text)

@@ -26,7 +26,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from ofq_jax import data as data_lib
-from ofq_jax import export, sharding
+from ofq_jax import export, sharding, target
 from ofq_jax.checkpointing import load_fitting_model_dir
 from ofq_jax.errors import MissingInputError, UserError, one_line
 from ofq_jax.interop import load_ofq_torch, read_state_dict
@@ -91,6 +91,7 @@ def main(argv):
   del argv
   if FLAGS.verbosity <= 0:
     logging.set_verbosity(logging.WARNING)
+  target.skip_absent_tpu()
   try:
     result = evaluate_checkpoint(FLAGS.config, FLAGS.checkpoint)
   except UserError as error:

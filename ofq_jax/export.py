@@ -245,6 +245,8 @@ if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "checkpoint", "out"])
 
   def _main(argv):
+    from ofq_jax import target  # pylint: disable=import-outside-toplevel
+    target.skip_absent_tpu()
     try:
       main(argv)
     except UserError as error:
