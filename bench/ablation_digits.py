@@ -357,6 +357,24 @@ def claims(args, rows) -> list[str]:
   return lines + [""]
 
 
+def schedule_line(args) -> str:
+  """The report's schedule: the ablation's own epochs, beside ``configs/digits.py``'s."""
+  sys.path.insert(0, str(REPO / "configs"))
+  try:
+    import digits  # pylint: disable=import-outside-toplevel
+  finally:
+    sys.path.pop(0)
+  config = digits.get_config("")
+  return (
+      f"- schedule (the ablation's own; `configs/digits.py` itself trains float "
+      f"{config.float.epochs} / QAT {config.qat.epochs} / CGA {config.cga.epochs} epochs): "
+      f"float {args.float_epochs} epochs; QAT {args.qat_epochs} epochs (+ the "
+      f"config's cooldown) with KD from the seed's float model; CGA {args.cga_epochs} epochs "
+      f"(OFQ runs only); batch 64; seeds {args.seeds}"
+      + (f"; num_train_steps={args.num_train_steps} (smoke run)" if args.num_train_steps > 0
+         else "") + ".")
+
+
 def report(args, rows, results, wall: float, command: str) -> str:
   commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
                           capture_output=True, text=True, check=False).stdout.strip()
@@ -367,7 +385,8 @@ def report(args, rows, results, wall: float, command: str) -> str:
   lines = [
       "# OFQ ablation on scikit-learn digits", "",
       "Produced by `bench/ablation_digits.py` (do not edit by hand). Regenerate:", "",
-      "```", command, "```", "",
+      "<!-- docs: needs about 40 minutes of 2 CPU cores: the whole ablation -->",
+      "```bash", command, "```", "",
       f"- date: {datetime.date.today().isoformat()}; machine: {platform.machine()} "
       f"{os.cpu_count()} CPU cores, {platform.system()}; commit {commit or '?'}"
       f"{' (uncommitted changes)' if dirty else ''}; wall time {wall / 60:.1f} min "
@@ -378,11 +397,7 @@ def report(args, rows, results, wall: float, command: str) -> str:
       "- data: digits 8x8 images resized to 16 px, fixed stratified 80/20 split (1437 / 360 "
       "images); models (configs/digits.py): DeiT with embed 96, depth 4, 3 heads, patch 4; "
       "Swin with embed 48, depths 2-2, heads 2-4, window 4, patch 2.",
-      f"- schedule: float {args.float_epochs} epochs; QAT {args.qat_epochs} epochs (+ the "
-      f"config's cooldown) with KD from the seed's float model; CGA {args.cga_epochs} epochs "
-      f"(OFQ runs only); batch 64; seeds {args.seeds}"
-      + (f"; num_train_steps={args.num_train_steps} (smoke run)" if args.num_train_steps > 0
-         else "") + ".",
+      schedule_line(args),
       "- top-1: held-out split, mean ± sample std over seeds. Oscillating weights: share of "
       "the b-bit weights whose oscillation EMA (momentum 0.01, tracked every step) exceeds "
       "0.005 (spec 4.5), at the end of QAT and after CGA, under two flip definitions: the "
