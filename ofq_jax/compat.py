@@ -1,7 +1,7 @@
 """The one place that knows how the supported jax / flax / orbax versions differ.
 
 Supported: jax 0.10 (Python 3.11, what CI tests) through 0.12 (Python 3.12), with the
-flax, optax and orbax releases that pair with them (README "Versions"). Everything
+flax, optax and orbax releases that pair with them (docs/install.md). Everything
 else in ofq_jax uses APIs common to all of them; the differences are here.
 """
 
