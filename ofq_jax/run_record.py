@@ -17,18 +17,19 @@ from typing import Any
 import jax
 import ml_collections
 
+from ofq_jax import config_keys
 from ofq_jax.errors import UserError
 
 FILE = "run.json"
 
-EXEMPT = (
-    "stages", "log_every_steps", "eval_every_steps", "eval_batch_size",
-    "checkpoint_every_steps", "keep_checkpoints", "async_checkpointing", "tensorboard",
-    "plots", "stop_check_every_steps", "tracking.scales_every_steps", "mesh.",
-    "fsdp_min_size", "data.data_dir", "data.manual_dir", "qat.teacher", "float.init_from",
-    "cga.resume",
+EXEMPT = tuple(k.name for k in config_keys.TRAINING_KEYS if not k.run) + (
+    "stages", "async_checkpointing", "tensorboard", "plots", "tracking.scales_every_steps",
+    "mesh.", "fsdp_min_size", "data.data_dir", "data.manual_dir", "qat.teacher",
+    "float.init_from", "cga.resume",
 )
-"""Keys (or ``prefix.``) that may differ between the starts of one run."""
+"""Keys (or ``prefix.``) that may differ between the starts of one run: the declared
+keys that do not change a run (``config_keys``), and the cadences, outputs, mesh and
+input paths."""
 
 
 def flatten(config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -30,7 +30,7 @@ import ml_collections
 from flax import nnx
 
 from ofq_jax import data as data_lib
-from ofq_jax import host_memory, losses, preemption, run_record, sharding, stages
+from ofq_jax import config_keys, host_memory, losses, preemption, run_record, sharding, stages
 from ofq_jax import step as step_lib
 from ofq_jax.checkpointing import Checkpointer, load_model_dir, save_model_dir
 from ofq_jax.errors import UserError
@@ -220,17 +220,16 @@ def _finish(plan: stages.StagePlan, run: stages.Run, spec: step_lib.StateSpec,
 
 
 def preflight(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Every check that needs no data, before any work: stage names and order, cadences,
-  the mesh and batch sizes, the quantized model's structure (bits, rules matching no
+  """Every check that needs no data, before any work: stage names and order, the ranges
+  of the stage, optimizer and schedule keys (``config_keys.TRAINING_KEYS``), the mesh
+  and batch sizes, the quantized model's structure (bits, rules matching no
   layer, CGA targets), the KD option, each stage's inputs, and the run record."""
   names = tuple(stages.STAGES)
   if not config.stages or any(s not in names for s in config.stages):
     raise UserError(f"config.stages={tuple(config.stages)!r}: each must be one of {names}.")
   if [names.index(s) for s in config.stages] != sorted(names.index(s) for s in config.stages):
     raise UserError(f"config.stages={tuple(config.stages)!r} must follow the order {names}.")
-  for key in ("log_every_steps", "checkpoint_every_steps", "batch_size", "eval_batch_size"):
-    if config[key] <= 0:
-      raise UserError(f"config.{key}={config[key]} must be positive.")
+  config_keys.check_training(config)  # ranges of the stage, optimizer and schedule keys
   mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp)
   sharding.check_batch(config.batch_size, mesh)
   sharding.check_batch(config.eval_batch_size, mesh, "eval_batch_size")

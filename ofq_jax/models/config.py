@@ -10,8 +10,9 @@ import ml_collections
 
 from ofq_jax import run_record
 from ofq_jax.errors import UserError
+from ofq_jax.models import quant_keys
+from ofq_jax.models.quant_keys import ATTENTIONS, ATTN_INITS, QK_BIASES, QK_FORMS  # noqa: F401
 from ofq_jax.quant import integer
-from ofq_jax.quant.rules import WEIGHT_METHODS
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(embed_dim=192, depth=12, num_heads=3),
@@ -19,49 +20,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "base": dict(embed_dim=768, depth=12, num_heads=12),
 }
 
-ATTENTIONS = ("qkr", "standard")
-ATTN_INITS = ("random", "pretrained")
-QK_BIASES = ("drop", "fold")
-QK_FORMS = ("factors", "product")
 PRECISIONS = ("highest", "high", "default")
 
 
-def quant_defaults() -> ml_collections.ConfigDict:
-  """The `quant` block every model family shares (DeiT, Swin)."""
-  quant = ml_collections.ConfigDict()
-  quant.enabled = False
-  quant.weight_bits = 2
-  quant.act_bits = 2
-  # 'statsq' (OFQ) or 'lsq' (the LSQ baseline, spec 3.6; needs attention='standard').
-  quant.weight_method = "statsq"
-  # 'qkr' (query-key reparameterization, the released recipe) or 'standard'.
-  quant.attention = "qkr"
-  # Batch size used in every activation step's gradient scale 1/sqrt(Qp*M). Unset:
-  # the batch the quantizer sees. The reference used its per-GPU batch (spec 7.6).
-  quant.lsq_grad_batch = ml_collections.config_dict.placeholder(int)
-  # Reference quirk 7.1: attn.proj (and qkv of standard attention) start from torch's
-  # default random init instead of the pretrained weights. 'pretrained' copies them.
-  quant.attn_proj_init = "random"
-  quant.attn_qkv_init = "random"
-  # Reference quirk 7.3: QKR drops the query/key biases ('drop'). 'fold' keeps the
-  # pretrained attention exactly through a per-head key bias W_k^T b_q.
-  quant.qk_bias = "drop"
-  # How QKR holds W_qk (spec 3.5, 4.4): 'factors' (the reference: parameters W_q, W_k,
-  # the product derived each forward) or 'product' (one parameter W_qk per head, so that
-  # CGA can freeze its entries; the CGA stage switches to it with cga.include_qk=True).
-  quant.qk_form = "factors"
-  # How quantized matmuls run (ofq_jax.quant.integer): 'fake' (float32 fake-quant, the
-  # reference's arithmetic) or 'integer' (integer levels, exact sums, scales outside; the
-  # same gradients); 'auto': integer on TPUs, fake elsewhere. Operand dtype: 'auto' (per
-  # platform) | float32 | bfloat16 | int8; backward matmul precision: float32 | bf16x3 |
-  # bf16 | 'auto' (bf16 on TPUs, float32 elsewhere): integer.PLATFORM_DEFAULTS.
-  quant.matmul = "auto"
-  quant.matmul_operands = "auto"
-  quant.matmul_backward = "auto"
-  # Extra rules before the defaults, e.g. ('blocks\\.0\\..*=float', 'head=w8a8:lsq');
-  # see ofq_jax.quant.rules.
-  quant.rules = ()
-  return quant
+def quant_defaults(family: str = "deit") -> ml_collections.ConfigDict:
+  """The `quant` block of a model family's config (``quant_keys.QUANT_KEYS``)."""
+  return quant_keys.quant_defaults(family)
 
 
 def model_config(size: str | None = "tiny", **overrides: Any) -> ml_collections.ConfigDict:
@@ -132,18 +96,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise UserError(f"img_size={config.img_size} is not divisible by patch_size="
                      f"{config.patch_size}; choose an image size that is a multiple of it.")
   quant = config.quant
-  for field in ("weight_bits", "act_bits"):
-    bits = quant[field]
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
-      raise UserError(f"model.quant.{field}={bits!r} is not an integer in [2, 8]; the paper "
-                      "trains 2, 3 or 4 bits (a layer can be kept float in quant.rules).")
-  choices = dict(weight_method=WEIGHT_METHODS, attention=ATTENTIONS, attn_proj_init=ATTN_INITS,
-                 attn_qkv_init=ATTN_INITS, qk_bias=QK_BIASES, matmul=integer.MATMULS,
-                 matmul_operands=integer.OPERANDS,
-                 matmul_backward=integer.BACKWARDS)
-  for field, allowed in choices.items():
-    if quant[field] not in allowed:
-      raise UserError(f"quant.{field}={quant[field]!r} is not one of {allowed}.")
+  quant_keys.check_quant(quant, "deit")
   if config.precision not in PRECISIONS:
     raise UserError(f"precision={config.precision!r} is not one of {PRECISIONS}.")
   check_qk_form(quant)
@@ -185,10 +138,7 @@ def quantized_configs(config: ml_collections.ConfigDict) -> list[ml_collections.
   return [first, with_qk_form(first, other)]
 
 
-STORAGE_BLIND_KEYS = (
-    "size", "precision", "drop_path", "quant.enabled", "quant.qk_form", "quant.matmul",
-    "quant.matmul_operands", "quant.matmul_backward", "quant.lsq_grad_batch",
-    "quant.attn_proj_init", "quant.attn_qkv_init", "quant.position_table_init")
+STORAGE_BLIND_KEYS = ("size", "precision", "drop_path") + quant_keys.STORAGE_BLIND_QUANT_KEYS
 """Model config keys that do not change what a stored model's tensors mean: how it runs
 (precision, matmul), how training draws or scales (drop path, LSQ gradient batch, the
 quantize-time inits), a preset's name, and what the loaders try both ways (float or

@@ -35,13 +35,12 @@ from flax import nnx
 
 from ofq_jax.errors import UserError
 from ofq_jax.models.attention import QKRAttention, StandardAttention
-from ofq_jax.models.config import (ATTENTIONS, ATTN_INITS, PRECISIONS, QK_BIASES,
-                                   apply_preset, check_images, check_qk_form, qk_form,
-                                   quant_defaults)
+from ofq_jax.models.config import (PRECISIONS, apply_preset, check_images, check_qk_form,
+                                   qk_form, quant_defaults)
+from ofq_jax.models.quant_keys import check_quant
 from ofq_jax.models.dtypes import build
 from ofq_jax.models.fences import residual_fence
 from ofq_jax.models.layers import Mlp, PatchEmbed, QDense
-from ofq_jax.quant import integer
 from ofq_jax.quant.rules import QuantRules, QuantSpec
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -69,10 +68,9 @@ def model_config(size: str | None = None, **overrides: Any) -> ml_collections.Co
   # Stochastic depth of the last block (torchvision's swin_t: 0.2; the OFQ recipe: 0).
   config.drop_path = 0.0
   config.precision = "highest"
-  config.quant = quant_defaults()
-  # Reference quirk (SWIN.md 5): quantization re-draws every relative-position table
-  # (trunc. normal, std 0.02); 'pretrained' copies the float model's.
-  config.quant.position_table_init = "random"
+  # With position_table_init, the reference quirk (SWIN.md 5) of re-drawing every
+  # relative-position table (trunc. normal, std 0.02) when quantizing.
+  config.quant = quant_defaults("swin")
   config = apply_preset(config, PRESETS, size, "Swin", overrides)
   config.depths = tuple(config.depths)
   config.num_heads = tuple(config.num_heads)
@@ -97,21 +95,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.precision not in PRECISIONS:
     raise UserError(f"precision={config.precision!r} is not one of {PRECISIONS}.")
   quant = config.quant
-  for field in ("weight_bits", "act_bits"):
-    bits = quant[field]
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
-      raise UserError(f"model.quant.{field}={bits!r} is not an integer in [2, 8].")
+  check_quant(quant, "swin")
   if quant.enabled and quant.weight_method != "statsq":
     raise UserError(f"model.quant.weight_method={quant.weight_method!r}: Swin has no LSQ-weight "
                     "baseline (the reference refuses it); use 'statsq'.")
-  choices = dict(attention=ATTENTIONS, qk_bias=QK_BIASES, matmul=integer.MATMULS,
-                 attn_proj_init=ATTN_INITS, attn_qkv_init=ATTN_INITS,
-                 position_table_init=ATTN_INITS,
-                 matmul_operands=integer.OPERANDS,
-                 matmul_backward=integer.BACKWARDS)
-  for field, allowed in choices.items():
-    if quant[field] not in allowed:
-      raise UserError(f"model.quant.{field}={quant[field]!r} is not one of {allowed}.")
   check_qk_form(quant)
 
 

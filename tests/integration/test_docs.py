@@ -74,3 +74,14 @@ def test_results_md_states_its_own_schedule():
     sys.path.pop(0)
   line = ablation_digits.schedule_line(ablation_digits.parse_args([]))
   assert line in (docs_check.REPO / "RESULTS.md").read_text(), line
+
+
+def test_key_tables_are_the_declarations():
+  """docs/models.md's ``quant.*`` table and docs/training.md's ranges are generated from
+  ``QUANT_KEYS`` / ``TRAINING_KEYS``: a key added, removed or changed shows here."""
+  from ofq_jax import config_keys  # pylint: disable=import-outside-toplevel
+  from ofq_jax.models import quant_keys  # pylint: disable=import-outside-toplevel
+  for page, keys in (("models", quant_keys.QUANT_KEYS), ("training", config_keys.TRAINING_KEYS)):
+    text = (docs_check.REPO / "docs" / f"{page}.md").read_text()
+    table = "\n".join(config_keys.markdown_table(keys))
+    assert table in text, f"docs/{page}.md: regenerate its key table:\n{table}"

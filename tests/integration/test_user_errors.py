@@ -91,6 +91,7 @@ def test_missing_teacher_file(tmp_path):
     ("", {"stages": "('qat',)", "qat.teacher": "/nonexistent/deit.pth"},
      "config.qat.teacher='/nonexistent/deit.pth' does not exist"),
     ("", {"batch_size": 12}, "batch_size=12 is not divisible by the 8 batch shards"),
+    ("", {"qat.lr": -1}, "qat.lr=-1"),  # a declared range (config_keys): once accepted
 ])
 def test_cli_user_errors_are_one_line(tmp_path, config_arg, overrides, names):
   """The command line prints one ``error:`` line (no traceback), exits 2, writes nothing."""
