@@ -22,6 +22,15 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 PRECISIONS = ("highest", "high", "default")
 
+FIELDS: dict[str, Any] = dict(
+    size=None, embed_dim=192, depth=12, num_heads=3, mlp_ratio=4.0, patch_size=16,
+    img_size=224, in_chans=3, num_classes=1000,
+    distilled=True,  # OFQ initialises from and distils from the distilled DeiTs.
+    layer_norm_eps=1e-6,
+    precision="highest",  # 'highest' keeps float32 (TF32 can flip 2-bit roundings, 7.10)
+)
+"""A DeiT config's fields besides ``quant``, at DeiT-T's values."""
+
 
 def quant_defaults(family: str = "deit") -> ml_collections.ConfigDict:
   """The `quant` block of a model family's config (``quant_keys.QUANT_KEYS``)."""
@@ -34,22 +43,26 @@ def model_config(size: str | None = "tiny", **overrides: Any) -> ml_collections.
   ``quant`` may be overridden with a dict that is merged into the defaults, e.g.
   ``model_config('small', quant=dict(enabled=True, weight_bits=2, act_bits=2))``.
   """
-  config = ml_collections.ConfigDict()
-  config.size = size
-  config.embed_dim = 192
-  config.depth = 12
-  config.num_heads = 3
-  config.mlp_ratio = 4.0
-  config.patch_size = 16
-  config.img_size = 224
-  config.in_chans = 3
-  config.num_classes = 1000
-  config.distilled = True  # OFQ initialises from and distils from the distilled DeiTs.
-  config.layer_norm_eps = 1e-6
-  # Matmul precision; 'highest' keeps float32 (TF32 can flip 2-bit roundings, spec 7.10).
-  config.precision = "highest"
-  config.quant = quant_defaults()
-  return apply_preset(config, PRESETS, size, "DeiT", overrides)
+  return family_config("deit", FIELDS, PRESETS, size, overrides)
+
+
+def family_config(family: str, fields: dict[str, Any], presets: dict[str, dict[str, Any]],
+                  size: str | None, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
+  """A model family's config: its ``fields``, its ``quant`` defaults, then the preset
+  ``size`` and the ``overrides`` (``apply_preset``)."""
+  config = ml_collections.ConfigDict(dict(fields))
+  config.quant = quant_defaults(family)
+  return apply_preset(config, presets, size, family.capitalize() if family != "deit"
+                      else "DeiT", overrides)
+
+
+def check_patches_and_precision(config: ml_collections.ConfigDict) -> None:
+  """What every family's config needs: whole patches and a known matmul precision."""
+  if config.img_size % config.patch_size:
+    raise UserError(f"img_size={config.img_size} is not divisible by patch_size="
+                    f"{config.patch_size}; choose an image size that is a multiple of it.")
+  if config.precision not in PRECISIONS:
+    raise UserError(f"precision={config.precision!r} is not one of {PRECISIONS}.")
 
 
 def apply_preset(config: ml_collections.ConfigDict, presets: dict[str, dict[str, Any]],
@@ -92,13 +105,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.embed_dim % config.num_heads:
     raise UserError(f"embed_dim={config.embed_dim} is not divisible by num_heads="
                      f"{config.num_heads}; choose num_heads dividing embed_dim.")
-  if config.img_size % config.patch_size:
-    raise UserError(f"img_size={config.img_size} is not divisible by patch_size="
-                     f"{config.patch_size}; choose an image size that is a multiple of it.")
+  check_patches_and_precision(config)
   quant = config.quant
   quant_keys.check_quant(quant, "deit")
-  if config.precision not in PRECISIONS:
-    raise UserError(f"precision={config.precision!r} is not one of {PRECISIONS}.")
   check_qk_form(quant)
   if quant.enabled and quant.attention == "qkr" and quant.weight_method == "lsq":
     raise UserError("quant.weight_method='lsq' (the LSQ baseline) needs "

@@ -35,8 +35,8 @@ from flax import nnx
 
 from ofq_jax.errors import UserError
 from ofq_jax.models.attention import QKRAttention, StandardAttention
-from ofq_jax.models.config import (PRECISIONS, apply_preset, check_images, check_qk_form,
-                                   qk_form, quant_defaults)
+from ofq_jax.models.config import (check_images, check_patches_and_precision, check_qk_form,
+                                   family_config, qk_form)
 from ofq_jax.models.quant_keys import check_quant
 from ofq_jax.models.dtypes import build
 from ofq_jax.models.fences import residual_fence
@@ -50,28 +50,21 @@ MASKED = -100.0
 """What torchvision adds to the logits of token pairs from different regions of a rolled map."""
 
 
+FIELDS: dict[str, Any] = dict(
+    arch="swin", size=None, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
+    window_size=7, patch_size=4, img_size=224, in_chans=3, mlp_ratio=4.0, num_classes=1000,
+    layer_norm_eps=1e-5,
+    drop_path=0.0,  # stochastic depth of the last block (torchvision's swin_t: 0.2; OFQ: 0)
+    precision="highest",
+)
+"""A Swin config's fields besides ``quant`` (whose ``position_table_init`` is the
+reference quirk, SWIN.md 5, of re-drawing every relative-position table when quantizing),
+at Swin-T's values."""
+
+
 def model_config(size: str | None = None, **overrides: Any) -> ml_collections.ConfigDict:
   """Swin config: a preset (``tiny`` = ``swin_t``, or None) plus overrides."""
-  config = ml_collections.ConfigDict()
-  config.arch = "swin"
-  config.size = size
-  config.embed_dim = 96
-  config.depths = (2, 2, 6, 2)
-  config.num_heads = (3, 6, 12, 24)
-  config.window_size = 7
-  config.patch_size = 4
-  config.img_size = 224
-  config.in_chans = 3
-  config.mlp_ratio = 4.0
-  config.num_classes = 1000
-  config.layer_norm_eps = 1e-5
-  # Stochastic depth of the last block (torchvision's swin_t: 0.2; the OFQ recipe: 0).
-  config.drop_path = 0.0
-  config.precision = "highest"
-  # With position_table_init, the reference quirk (SWIN.md 5) of re-drawing every
-  # relative-position table (trunc. normal, std 0.02) when quantizing.
-  config.quant = quant_defaults("swin")
-  config = apply_preset(config, PRESETS, size, "Swin", overrides)
+  config = family_config("swin", FIELDS, PRESETS, size, overrides)
   config.depths = tuple(config.depths)
   config.num_heads = tuple(config.num_heads)
   return config
@@ -87,13 +80,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if dim % heads:
       raise UserError(f"stage {stage} has {dim} channels, not divisible by num_heads[{stage}]"
                       f"={heads}; choose heads dividing embed_dim * 2^stage.")
-  if config.img_size % config.patch_size:
-    raise UserError(f"img_size={config.img_size} is not divisible by patch_size="
-                    f"{config.patch_size}; choose an image size that is a multiple of it.")
+  check_patches_and_precision(config)
   if not 0.0 <= config.drop_path < 1.0:
     raise UserError(f"drop_path={config.drop_path!r} is not in [0, 1).")
-  if config.precision not in PRECISIONS:
-    raise UserError(f"precision={config.precision!r} is not one of {PRECISIONS}.")
   quant = config.quant
   check_quant(quant, "swin")
   if quant.enabled and quant.weight_method != "statsq":
