@@ -33,15 +33,77 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
+import optax
 from flax import nnx
+from jax.sharding import Mesh
 
-from ofq_jax import optim
+from ofq_jax import cga, optim, step
+from ofq_jax.errors import UserError
+from ofq_jax.models import create_model, quantized_config
 from ofq_jax.models.attention import QKRAttention
+from ofq_jax.models.config import qk_form, with_qk_form
 from ofq_jax.paths import dotted, state_path
 
 State = dict[str, Any]
 PRODUCT = "qk_kernel"
 """The product form's parameter name (``QKRAttention.qk_kernel``)."""
+
+
+def cga_model_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The CGA student's model: the quantized model, with QKR in its product form
+  (``W_qk`` a parameter) when ``cga.include_qk`` anneals it."""
+  model = quantized_config(config.model)
+  return with_qk_form(model, "product") if cga.include_qk(config.cga) else model
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """``cga.include_qk`` needs a product to anneal: QKR attention."""
+  if cga.include_qk(config.cga) and config.model.quant.attention != "qkr":
+    raise UserError("cga.include_qk=True anneals QKR's W_q^T W_k product, but "
+                    f"model.quant.attention={config.model.quant.attention!r} has none; use "
+                    "attention='qkr' or cga.include_qk=False.")
+
+
+def own_count_mask(params: Any) -> Any:
+  """True at the product parameters: their AdamW moments and step count are a group of
+  their own (``optim.adamw(own_count=)``), started at zero."""
+  return jax.tree.map_with_path(lambda p, _: state_path(p)[-1] == PRODUCT, params)
+
+
+def qat_layout(config: ml_collections.ConfigDict, mesh: Mesh,
+               optimizer: Callable[[nnx.Module], optax.GradientTransformation]
+               ) -> step.StateSpec | None:
+  """The QAT checkpoints' layout when it differs from the CGA student's (QKR's factors
+  there, the product here: ``cga.include_qk``), else None; ``optimizer(student)`` is the
+  QAT stage's optimizer."""
+  qat_model = quantized_config(config.model)
+  if qk_form(qat_model.quant) == qk_form(cga_model_config(config).quant):
+    return None
+  student = nnx.eval_shape(lambda: create_model(qat_model, nnx.Rngs(0)))  # a structure
+  return step.create_train_state(student, optimizer(student), mesh,
+                                 tracking=config.get("tracking"),
+                                 min_size=config.fsdp_min_size)
+
+
+def from_qat_state(state: State, qat_spec: step.StateSpec, spec: step.StateSpec,
+                   target: State, log: Callable[[str], None]) -> State:
+  """A restored QAT ``state`` in the CGA student's layout (``to_product_form``); tracking
+  restarts if the trackers do not line up."""
+  shardings = dict(spec.shardings, opt_state=spec.shardings["opt_state"].inner)
+  try:
+    state = to_product_form(state, qat_spec.graphdef, target, shardings)
+  except KeyError as error:
+    if "tracker" not in state:
+      raise
+    log(f"[cga] the QAT oscillation history does not fit the product form ({error}); "
+        "tracking starts now")
+    state = to_product_form({k: v for k, v in state.items() if k != "tracker"},
+                            qat_spec.graphdef,
+                            {k: v for k, v in target.items() if k != "tracker"}, shardings)
+  log("[cga] cga.include_qk: W_qk = W_q^T W_k of the QAT factors; its AdamW moments and "
+      "step count start at zero")
+  return state
 
 
 def qk_products(graphdef: nnx.GraphDef, params: Any, buffers: Any) -> dict[str, jax.Array]:

@@ -37,10 +37,9 @@ from ofq_jax.errors import MissingInputError, UserError
 from ofq_jax.interop import quantize_from_float
 from ofq_jax.interop.families import load_float
 from ofq_jax.models import calibrate, create_model, float_config, quantized_config
-from ofq_jax.models.config import PRECISIONS, qk_form, stored_model_differences, with_qk_form
+from ofq_jax.models.config import PRECISIONS, stored_model_differences
 from ofq_jax.models.quantizers import QuantBuffer
 from ofq_jax.models.rounded import cga_targets
-from ofq_jax.paths import state_path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,8 +144,7 @@ def _adamw(config, hyper, schedule: optax.Schedule, student: nnx.Module, *,
   """The stage's AdamW; ``own_count_for_product``: QKR's ``W_qk`` parameters (the product
   form, ``cga.include_qk``) get their own moments and step count (``optim.adamw``)."""
   params = nnx.state(student, nnx.Param)
-  own = (jax.tree.map_with_path(lambda p, _: state_path(p)[-1] == product_form.PRODUCT, params)
-         if own_count_for_product else None)
+  own = product_form.own_count_mask(params) if own_count_for_product else None
   return optim.adamw(schedule, weight_decay=hyper.weight_decay,
                      mask=optim.weight_decay_mask(params), b1=config.optim.b1,
                      b2=config.optim.b2, eps=config.optim.eps,
@@ -204,18 +202,12 @@ def build_qat_plan(config, run: Run) -> StagePlan:
                    config.get("tracking"), fresh_state=fresh)
 
 
-def cga_model_config(config) -> ml_collections.ConfigDict:
-  """The CGA student's model: the quantized model, with QKR in its product form
-  (``W_qk`` a parameter) when ``cga.include_qk`` anneals it."""
-  model = quantized_config(config.model)
-  return with_qk_form(model, "product") if cga.include_qk(config.cga) else model
-
-
 def build_cga_plan(config, run: Run) -> StagePlan:
   hyper, seed = config.cga, run.seed("cga")
   teacher = _teacher(config, run)
   # Only the structure matters: the values come from the QAT checkpoint.
-  student = nnx.eval_shape(lambda: create_model(cga_model_config(config), nnx.Rngs(seed)))
+  student = nnx.eval_shape(lambda: create_model(product_form.cga_model_config(config),
+                                                nnx.Rngs(seed)))
   bits = cga.target_bits(nnx.state(student, nnx.Param),
                          cga_targets(student, cga.stage_targets(hyper)))
   min_lr = config.qat.min_lr
@@ -242,7 +234,8 @@ def _state_from_qat(config, run: Run, spec: step.StateSpec, bits: Any) -> step.S
   With ``cga.include_qk`` the QAT factors become the product (``product_form``)."""
   directory = config.cga.resume or run.path("checkpoints", "qat")
   target = dict(spec.abstract, opt_state=spec.abstract["opt_state"].inner)
-  qat_spec = _qat_spec(config, run)
+  qat_spec = product_form.qat_layout(config, run.mesh, lambda student: _adamw(
+      config, config.qat, lambda count: jnp.full((), config.qat.min_lr, jnp.float32), student))
   with Checkpointer(directory, keep=config.keep_checkpoints, async_save=False) as qat:
     if not qat.steps():
       raise MissingInputError(f"No QAT checkpoint in {directory}: run the 'qat' stage first "
@@ -258,44 +251,12 @@ def _state_from_qat(config, run: Run, spec: step.StateSpec, bits: Any) -> step.S
     qat_step, state, _ = qat.restore(abstract, older_layouts=older)
   _log(f"[cga] starting from QAT checkpoint {qat_step} in {directory}")
   if qat_spec is not None:
-    state = _to_product_form(state, qat_spec, spec, target)
+    state = product_form.from_qat_state(state, qat_spec, spec, target, _log)
   state["opt_state"] = cga.CGAState(state["opt_state"], _frozen(spec, bits, config)(state))
   state["step"] = sharding.place(np.int32(0), spec.shardings["step"])
   if spec.tracker is not None and "tracker" not in state:
     _log("[cga] the QAT checkpoint has no oscillation history; tracking starts now")
     state["tracker"] = step.tracker_start_fn(spec)(state["params"], state["buffers"])
-  return state
-
-
-def _qat_spec(config, run: Run) -> step.StateSpec | None:
-  """The QAT checkpoints' layout when it differs from the CGA student's (QKR's factors
-  there, the product here: ``cga.include_qk``), else None."""
-  qat_model = quantized_config(config.model)
-  if qk_form(qat_model.quant) == qk_form(cga_model_config(config).quant):
-    return None
-  student = nnx.eval_shape(lambda: create_model(qat_model, nnx.Rngs(0)))  # a structure
-  schedule = lambda count: jnp.full((), config.qat.min_lr, jnp.float32)
-  return step.create_train_state(student, _adamw(config, config.qat, schedule, student),
-                                 run.mesh, tracking=config.get("tracking"),
-                                 min_size=config.fsdp_min_size)
-
-
-def _to_product_form(state: step.State, qat_spec: step.StateSpec, spec: step.StateSpec,
-                     target: step.State) -> step.State:
-  """``product_form.to_product_form``; tracking restarts if the trackers do not line up."""
-  shardings = dict(spec.shardings, opt_state=spec.shardings["opt_state"].inner)
-  try:
-    state = product_form.to_product_form(state, qat_spec.graphdef, target, shardings)
-  except KeyError as error:
-    if "tracker" not in state:
-      raise
-    _log(f"[cga] the QAT oscillation history does not fit the product form ({error}); "
-         "tracking starts now")
-    state = product_form.to_product_form(
-        {k: v for k, v in state.items() if k != "tracker"}, qat_spec.graphdef,
-        {k: v for k, v in target.items() if k != "tracker"}, shardings)
-  _log("[cga] cga.include_qk: W_qk = W_q^T W_k of the QAT factors; its AdamW moments and "
-       "step count start at zero")
   return state
 
 
@@ -371,10 +332,7 @@ def check_cga(config, workdir: str, quantized: nnx.Module | None) -> None:
                             "'qat' to config.stages or set --config.cga.resume=DIR.")
   if config.cga.resume:
     _check_resumed_model(config)
-  if cga.include_qk(config.cga) and config.model.quant.attention != "qkr":
-    raise UserError("cga.include_qk=True anneals QKR's W_q^T W_k product, but "
-                    f"model.quant.attention={config.model.quant.attention!r} has none; use "
-                    "attention='qkr' or cga.include_qk=False.")
+  product_form.check_config(config)
   if quantized is not None and not cga_targets(quantized, config.cga.targets):
     raise UserError(f"cga.targets={config.cga.targets!r} matches no StatsQ weight of the "
                     "quantized model (e.g. the LSQ baseline has none to anneal).")

@@ -15,7 +15,7 @@ import optax
 import pytest
 from flax import nnx
 
-from ofq_jax import cga, export, losses, optim, sharding, stages, step
+from ofq_jax import cga, export, losses, optim, product_form, sharding, stages, step
 from ofq_jax.checkpointing import Checkpointer, save_model_dir
 from ofq_jax.data import build
 from ofq_jax.errors import UserError, one_line
@@ -184,7 +184,7 @@ def test_default_cga_is_the_reference(qat):
   run, saved = qat
   assert run.config.cga.include_qk is False
   assert cga.stage_targets(run.config.cga) == run.config.cga.targets
-  assert stages._qat_spec(run.config, run) is None  # pylint: disable=protected-access
+  assert product_form.qat_layout(run.config, run.mesh, lambda _: None) is None
   _, plan, _, state = _cga_start(run, include_qk=False)
   assert plan.student.blocks[0].attn.qk_kernel is None
   assert set(state["opt_state"].frozen) == {*cga_targets(plan.student, cga.DEFAULT_TARGETS),
