@@ -6,7 +6,7 @@ except its output projection, which is a ``QDense`` with its own spec.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -77,14 +77,12 @@ def quantize_operand(x: jax.Array, quantizer: LsqQuantizer | None,
   return Operand(value, levels, unit, shift, quantizer.level_range)
 
 
-def integer_product(spec: QuantSpec, a: Operand, b: Operand) -> jax.Array | None:
+def integer_product(spec: QuantSpec, a: Operand, b: Operand, product: str = ""
+                    ) -> jax.Array | None:
   """``a @ b`` on integer levels (batched, ``(..., M, K) @ (..., K, N)``), or None when
-  the mode is fake, an operand is unquantized or the sums would not be exact."""
-  if spec.matmul != "integer" or a.levels is None or b.levels is None:
-    return None
-  how = integer.plan(a.value.shape[-1], a.level_range, b.level_range,
-                     operand=spec.matmul_operands, backward=spec.matmul_backward,
-                     dtype=a.value.dtype)
+  ``integer.decide`` keeps fake-quant (fake mode, an unquantized operand, inexact sums)."""
+  how = integer.decide(spec, a.value.shape[-1], None if a.levels is None else a.level_range,
+                       None if b.levels is None else b.level_range, a.value.dtype, product)
   if how is None:
     return None
   return integer.integer_matmul(a.value, b.value, a.levels, a.unit, a.shift, b.levels, b.unit,
@@ -101,9 +99,10 @@ def _softmax_probs(logits: jax.Array, quantizer: LsqQuantizer | None) -> Operand
   return quantize_operand(jax.nn.softmax(logits, axis=-1), quantizer)
 
 
-def _attend(spec: QuantSpec, probs: Operand, v: Operand, precision: Precision) -> jax.Array:
+def _attend(spec: QuantSpec, probs: Operand, v: Operand, precision: Precision,
+            product: str) -> jax.Array:
   """``probs @ v`` per (batch, head): ``(B, H, N, N) @ (B, H, N, d)``."""
-  out = integer_product(spec, probs, v)
+  out = integer_product(spec, probs, v, product)
   if out is None:
     out = jnp.einsum("bhij,bhje->bhie", probs.value, v.value, precision=precision)
   return out
@@ -117,6 +116,7 @@ class StandardAttention(nnx.Module):
   per-channel LSQ of v, move biases after each, and unsigned per-query-row LSQ
   of the softmax output.
   """
+  product_name = ""  # its module path, set by ``explain.products`` to name its products
 
   def __init__(self, dim: int, num_heads: int, *, spec: QuantSpec, proj_spec: QuantSpec,
                num_tokens: int, rngs: nnx.Rngs, precision: Precision = "highest"):
@@ -156,11 +156,12 @@ class StandardAttention(nnx.Module):
                          self.move_v_aft[...] if acts else None)
     v = v.split_heads(heads, head_dim)
     q, k, v = (t.transpose((0, 2, 1, 3)) for t in (q, k, v))  # (B, H, N, d)
-    logits = integer_product(self.spec, q, k.transpose((0, 1, 3, 2)))
+    logits = integer_product(self.spec, q, k.transpose((0, 1, 3, 2)),
+                             f"{self.product_name}.logits")
     if logits is None:
       logits = jnp.einsum("bhie,bhje->bhij", q.value, k.value, precision=self.precision)
     probs = _softmax_probs(_scaled(logits, head_dim, logits_bias), self.softmax_quant)
-    out = _attend(self.spec, probs, v, self.precision)
+    out = _attend(self.spec, probs, v, self.precision, f"{self.product_name}.values")
     return self.proj(jnp.reshape(jnp.transpose(out, (0, 2, 1, 3)), (batch, tokens, dim)))
 
 
@@ -199,6 +200,7 @@ class QKRAttention(nnx.Module, RoundsTensors):
   ``cga.include_qk`` runs CGA in the product form; the forward is the same function
   of ``W_qk`` in both forms.
   """
+  product_name = ""  # its module path, set by ``explain.products`` to name its products
 
   def __init__(self, dim: int, num_heads: int, *, spec: QuantSpec, proj_spec: QuantSpec,
                num_tokens: int, rngs: nnx.Rngs, qk_bias: str = "drop",
@@ -288,7 +290,11 @@ class QKRAttention(nnx.Module, RoundsTensors):
     batch, tokens, heads, dim = keys.value.shape
     flat = lambda t: jnp.reshape(t, (t.shape[0], tokens * heads, dim))
     logits = None
-    if x_levels is not None and keys.levels is not None:
+    if x_levels is None or keys.levels is None:
+      integer.decide(self.spec, dim, None if x_levels is None else x_levels.level_range,
+                     None if keys.levels is None else keys.level_range, xq.dtype,
+                     f"{self.product_name}.logits")  # recorded: fake-quant, and why
+    else:
       # The queries' move bias m is added outside the integer product: m @ keys^T inside
       # it would read the keys transposed (XLA:CPU copied them: 12 ms per DeiT-T block at
       # batch 64). The keys' one, a_h, only adds row constants (docstring): left out.
@@ -299,7 +305,7 @@ class QKRAttention(nnx.Module, RoundsTensors):
       columns = Operand(key_values, flat(keys.levels),
                         jnp.reshape(keys.unit, (1, tokens * heads, 1)), None,
                         keys.level_range).transpose((0, 2, 1))
-      logits = integer_product(self.spec, queries, columns)
+      logits = integer_product(self.spec, queries, columns, f"{self.product_name}.logits")
       if logits is not None:
         # m . (keys - a_h) = keys . m - a_h . m: the second is a row constant, and keys . m
         # needs no pass over the keys to subtract a_h.
@@ -316,7 +322,8 @@ class QKRAttention(nnx.Module, RoundsTensors):
     """The keys ``(B, N, H, D)`` from one ``(B*N, D) @ (D, H*D)`` GEMM (CPUs)."""
     batch, tokens, dim = xq.shape
     keys = quantized_dense(xq, _product_columns(self.quantized_qk_product()), self.precision,
-                           self.spec, x_levels, self._weight_levels("qk_product"))
+                           self.spec, x_levels, self._weight_levels("qk_product"),
+                           f"{self.product_name}.keys")
     return jnp.reshape(keys, (batch, tokens, self.num_heads, dim))
 
   def _key_product(self, xq: jax.Array, x_levels: Levels | None) -> jax.Array:
@@ -324,7 +331,7 @@ class QKRAttention(nnx.Module, RoundsTensors):
     D_c)``: no reshape of the product, no split of a flat output (each a copy on a TPU)."""
     wqk = self.quantized_qk_product()
     dims = (((2,), (2,)), ((), ()))
-    how = self._integer_plan(x_levels, xq.shape[-1])
+    how = self._integer_plan(x_levels, xq.shape[-1], "keys")
     if how is None:
       return jax.lax.dot_general(xq, wqk, dims, precision=self.precision)
     integers = self.weight_integers("qk_product")  # (H, D_r, D_c)
@@ -340,8 +347,8 @@ class QKRAttention(nnx.Module, RoundsTensors):
     """``_softmax_logits`` as one dot over the tensors' own axes, ``(B, N_i, N_j, H)``
     then ``(B, H, N_i, N_j)``; the integer form leaves out the same row constants."""
     dims = (((2,), (3,)), ((0,), (0,)))
-    how = (self._integer_plan(x_levels, xq.shape[-1], keys.level_range)
-           if keys.levels is not None else None)
+    how = self._integer_plan(x_levels, xq.shape[-1], "logits",
+                             keys.level_range if keys.levels is not None else None)
     if how is None:
       logits = jax.lax.dot_general(xq, keys.value, dims, precision=self.precision)
     else:
@@ -355,19 +362,17 @@ class QKRAttention(nnx.Module, RoundsTensors):
       logits = integer.exact_product(xq, keys.value, exact, dims, how)
     return jnp.transpose(logits, (0, 3, 1, 2))
 
-  def _integer_plan(self, x_levels: Levels | None, depth: int,
-                    other: tuple[int, int] | None = None) -> integer.IntegerPlan | None:
-    """The exact plan of a product of the quantized input with the quantized ``W_qk``
-    (or ``other``'s levels), or None to keep fake quantization."""
-    if self.spec.matmul != "integer" or x_levels is None:
-      return None
-    if other is None:
-      if not self.spec.quantize_weights:
-        return None
-      other = self.declaration("qk_product").rounding.level_range
-    return integer.plan(depth, x_levels.level_range, other,
-                        operand=self.spec.matmul_operands, backward=self.spec.matmul_backward,
-                        dtype=x_levels.levels.dtype)
+  def _integer_plan(self, x_levels: Levels | None, depth: int, product: str,
+                    other: Any = "qk_product") -> integer.IntegerPlan | None:
+    """``integer.decide`` for a product of the quantized input with the quantized
+    ``W_qk`` (or with levels in the range ``other``; None: unquantized): the exact plan,
+    or None to keep fake quantization."""
+    if isinstance(other, str):
+      other = (self.declaration(other).rounding.level_range if self.spec.quantize_weights
+               else None)
+    return integer.decide(self.spec, depth, None if x_levels is None else x_levels.level_range,
+                          other, jnp.float32 if x_levels is None else x_levels.levels.dtype,
+                          f"{self.product_name}.{product}")
 
   def quantized_qk_product(self) -> jax.Array:
     return self.rounded("qk_product") if self.spec.quantize_weights else self.qk_product()
@@ -385,7 +390,8 @@ class QKRAttention(nnx.Module, RoundsTensors):
 
     v_kernel = self.rounded("v_kernel") if self.spec.quantize_weights else self.v_kernel[...]
     v = quantized_dense(xq, v_kernel, self.precision, self.spec, x_levels,
-                        self._weight_levels("v_kernel")) + self.v_bias[...]
+                        self._weight_levels("v_kernel"), f"{self.product_name}.v") \
+        + self.v_bias[...]
     v = quantize_operand(v + self.move_v_b4[...] if acts else v, self.v_quant,
                          self.move_v_aft[...] if acts else None)
     v = v.split_heads(heads, head_dim).transpose((0, 2, 1, 3))  # (B, H, N, d)
@@ -403,5 +409,5 @@ class QKRAttention(nnx.Module, RoundsTensors):
       key_term = jnp.einsum("bjc,hc->bhj", xq, self.key_bias[...], precision=self.precision)
       logits = logits + key_term[:, :, None, :]
     probs = _softmax_probs(_scaled(logits, head_dim, logits_bias), self.softmax_quant)
-    out = _attend(self.spec, probs, v, self.precision)
+    out = _attend(self.spec, probs, v, self.precision, f"{self.product_name}.values")
     return self.proj(jnp.reshape(jnp.transpose(out, (0, 2, 1, 3)), (batch, tokens, dim)))

@@ -80,18 +80,16 @@ def activation_levels(x: jax.Array, quantizer: LsqQuantizer, shift: jax.Array) -
 
 
 def quantized_dense(x: jax.Array, kernel: jax.Array, precision: Precision, spec: QuantSpec,
-                    x_levels: Levels | None = None, w_levels: WeightLevels | None = None
-                    ) -> jax.Array:
-  """``x @ kernel``: on integer levels when ``spec.matmul == 'integer'``, both operands
-  have an integer form and the sums are exact for this depth (``integer.plan``);
-  otherwise as float fake-quant (``dense``), e.g. past the exact-accumulation bound."""
-  if spec.matmul == "integer" and x_levels is not None and w_levels is not None:
-    how = integer.plan(x.shape[-1], x_levels.level_range, w_levels.level_range,
-                       operand=spec.matmul_operands, backward=spec.matmul_backward,
-                       dtype=x.dtype)
-    if how is not None:
-      return integer.integer_dense(x, kernel, x_levels.levels, x_levels.unit,
-                                   x_levels.shift, w_levels.integers, w_levels.unit, how)
+                    x_levels: Levels | None = None, w_levels: WeightLevels | None = None,
+                    product: str = "") -> jax.Array:
+  """``x @ kernel``: on integer levels when ``integer.decide`` says so (integer mode, both
+  operands quantized, sums exact for this depth); otherwise as float fake-quant
+  (``dense``). ``product`` names it in ``integer.recording``."""
+  how = integer.decide(spec, x.shape[-1], None if x_levels is None else x_levels.level_range,
+                       None if w_levels is None else w_levels.level_range, x.dtype, product)
+  if how is not None:
+    return integer.integer_dense(x, kernel, x_levels.levels, x_levels.unit,
+                                 x_levels.shift, w_levels.integers, w_levels.unit, how)
   return dense(x, kernel, precision)
 
 
@@ -133,6 +131,7 @@ class QDense(nnx.Module, RoundsTensors):
       feature-map column ``(2,)``/``(W,)`` on Swin's ``(B, H, W, C)`` maps.
     use_bias: False for a bias-free layer (Swin's float patch-merging reduction).
   """
+  product_name = ""  # its module path, set by ``explain.products`` to name its decision
 
   def __init__(self, in_features: int, out_features: int, *, spec: QuantSpec, rngs: nnx.Rngs,
                input_signed: bool = True, input_keep_axes: tuple[int, ...] = (1,),
@@ -178,7 +177,8 @@ class QDense(nnx.Module, RoundsTensors):
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.quantized_kernel()
     x, x_levels = self.quantize_input(x)
-    y = quantized_dense(x, kernel, self.precision, self.spec, x_levels, self.kernel_levels())
+    y = quantized_dense(x, kernel, self.precision, self.spec, x_levels, self.kernel_levels(),
+                        self.product_name)
     return y if self.bias is None else y + self.bias[...]
 
 
@@ -217,7 +217,12 @@ class PatchEmbed(nnx.Module, RoundsTensors):
   def _pixel_bias(self, bias: nnx.Param) -> jax.Array:
     return jnp.reshape(bias[...], (self.img_size, self.img_size, 1))
 
+  product_name = ""  # as QDense's
+
   def __call__(self, images: jax.Array) -> jax.Array:
+    integer.note(self.product_name, None,
+                 "its image quantizer's steps are per pixel, on the contracted axis"
+                 if self.spec.quantize_acts else "a float layer (quant.rules)")
     kernel = self.rounded("kernel") if self.spec.quantize_weights else self.kernel[...]
     x = images
     if self.input_quant is not None:

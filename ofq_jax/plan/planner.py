@@ -21,15 +21,18 @@ from typing import Any
 
 import jax
 import ml_collections
+from flax import nnx
 from jax.sharding import AxisType, Mesh
 
 from ofq_jax import data as data_lib
 from ofq_jax import sharding, stages, target
 from ofq_jax import step as step_lib
 from ofq_jax.errors import UserError
+from ofq_jax.models import explain
 from ofq_jax.plan import census as census_lib
 from ofq_jax.plan import estimate, program
 from ofq_jax.plan.topology import Topology, compile_only, device_grid
+from ofq_jax.quant import integer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +59,7 @@ class StageReport:
   utilisation: float = 0.0
   collectives: tuple[program.Collective, ...] = ()
   refused: str | None = None
+  products: tuple[integer.Decision, ...] = ()  # the student's, as traced for the TPU
 
   @property
   def fits(self) -> bool:
@@ -165,6 +169,7 @@ def compile_stage(config: ml_collections.ConfigDict, name: str, topology: Topolo
   start = time.perf_counter()
   with target.compiling_for("tpu"):
     built = stages.STAGES[name].build(run.config, run)
+    products = tuple(explain.products(built.student)) if _quantized(built.student) else ()
     spec = step_lib.create_train_state(built.student, built.tx, mesh, tracking=built.tracking,
                                        min_size=run.config.fsdp_min_size)
     teacher = (None if built.teacher is None else step_lib.place_teacher(
@@ -181,7 +186,8 @@ def compile_stage(config: ml_collections.ConfigDict, name: str, topology: Topolo
   common = dict(stage=name, per_device_batch=per_device, global_batch=run.config.batch_size,
                 capacity=topology.chip.usable_hbm, dots=dots, steps=built.total_steps,
                 steps_per_epoch=run.steps_per_epoch, fsdp_sharded=sharded,
-                replicated_bytes=replicated, compile_seconds=time.perf_counter() - start)
+                replicated_bytes=replicated, compile_seconds=time.perf_counter() - start,
+                products=products)
   if compiled is None:
     return StageReport(memory=program.Memory(0, 0, 0, refused[1], 0), refused=refused[0],
                        **common)
@@ -191,6 +197,11 @@ def compile_stage(config: ml_collections.ConfigDict, name: str, topology: Topolo
                      bytes=cost["bytes"], roofline=roofline,
                      utilisation=estimate.utilisation(roofline, topology),
                      collectives=tuple(program.collectives(compiled.as_text())), **common)
+
+
+def _quantized(model) -> bool:
+  return any(getattr(getattr(m, "spec", None), "quantize_weights", False)
+             for _, m in nnx.iter_modules(model))
 
 
 _REFUSAL = re.compile(r"required for HLO temporaries \(([\d.]+)G\)")

@@ -48,6 +48,8 @@ def _stage_dict(s: StageReport) -> dict[str, Any]:
       "fsdp_sharded": [{"param": p, "bytes": b} for p, b in s.fsdp_sharded],
       "replicated_param_bytes": s.replicated_bytes,
       "compile_seconds": s.compile_seconds,
+      "products": [{"product": d.product, "integer": d.plan is not None, "path": d.path}
+                   for d in s.products],
   }
 
 
@@ -92,6 +94,7 @@ def _stage_lines(s: StageReport, chips: int, data: str) -> list[str]:
       f"  student dots      {student} of {s.dots.total('student') / s.global_batch / 1e9:.1f} "
       "GFLOP per image",
       f"  teacher dots      {teacher or 'none'} GFLOP per image",
+      f"  integer products  {_products(s)}",
       f"  roofline          matrix units {1e3 * r.matrix_seconds:.1f} ms, HBM "
       f"{1e3 * r.memory_seconds:.1f} ms: {1e3 * r.step_seconds:.1f} ms per step "
       f"({r.bound}-bound), {s.images_per_second:,.0f} images/s per device, "
@@ -102,6 +105,21 @@ def _stage_lines(s: StageReport, chips: int, data: str) -> list[str]:
       f"  fsdp              {_fsdp(s)}",
       f"  compile           {s.compile_seconds:.0f} s on this host",
   ]
+
+
+def _products(s: StageReport) -> str:
+  """How many of the student's products run on integer levels; the others by reason."""
+  if not s.products:
+    return "none (a float student)"
+  fake: dict[str, list[str]] = collections.defaultdict(list)
+  for d in s.products:
+    if d.plan is None:
+      fake[d.why].append(d.product)
+  on_integers = len(s.products) - sum(len(v) for v in fake.values())
+  listed = "; ".join(f"{', '.join(names[:3])}{f' and {len(names) - 3} more' if len(names) > 3 else ''}"
+                     f" ({why})" for why, names in fake.items())
+  return (f"{on_integers} of {len(s.products)} on integer levels"
+          + (f"; fake-quant: {listed}" if listed else "") + " (--json lists each)")
 
 
 def _collectives(s: StageReport) -> str:

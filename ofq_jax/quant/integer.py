@@ -22,8 +22,12 @@ matmul precision (float32, bf16x3 or bf16).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
+from collections.abc import Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -148,6 +152,66 @@ def plan(depth: int, x_levels: LevelRange, w_levels: LevelRange, *, operand: str
       return IntegerPlan(name, accumulator, BACKWARD_PRECISIONS[backward],
                          flatten=target.platform() == "cpu")
   return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+  """How one quantized product runs: on integer levels (``plan``) or as fake-quant,
+  ``why`` not."""
+  product: str  # the module path and the product, e.g. 'blocks.0.attn.logits'
+  plan: IntegerPlan | None
+  why: str = ""
+
+  @property
+  def path(self) -> str:
+    return (f"integer ({self.plan.operand} operands, {self.plan.accumulator} sums)"
+            if self.plan else f"fake-quant: {self.why}")
+
+
+_DECISIONS: contextvars.ContextVar[list[Decision] | None] = contextvars.ContextVar(
+    "integer_decisions", default=None)
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list[Decision]]:
+  """Collects every product's ``Decision`` made while tracing within the block."""
+  decisions: list[Decision] = []
+  token = _DECISIONS.set(decisions)
+  try:
+    yield decisions
+  finally:
+    _DECISIONS.reset(token)
+
+
+def note(product: str, how: IntegerPlan | None, why: str = "") -> IntegerPlan | None:
+  """Records a product's decision (when ``recording``); returns ``how``."""
+  decisions = _DECISIONS.get()
+  if decisions is not None:
+    decisions.append(Decision(product, how, why))
+  return how
+
+
+def decide(spec: Any, depth: int, a_levels: LevelRange | None, b_levels: LevelRange | None,
+           dtype: Any, product: str = "") -> IntegerPlan | None:
+  """Whether a product of two operands runs on integer levels: the one place that
+  decides it. ``spec`` carries ``matmul``, ``matmul_operands`` and ``matmul_backward``;
+  ``a_levels`` / ``b_levels`` are the operands' level ranges (None: not quantized).
+  Returns the exact plan, or None for fake-quant; ``recording`` lists the reasons."""
+  if spec.matmul != "integer":
+    return note(product, None, f"quant.matmul={spec.matmul!r}")
+  if a_levels is None and b_levels is None:
+    return note(product, None, "a float layer (quant.rules)")
+  if a_levels is None or b_levels is None:
+    return note(product, None, f"its {'input' if a_levels is None else 'second operand'} "
+                               "is not quantized")
+  how = plan(depth, a_levels, b_levels, operand=spec.matmul_operands,
+             backward=spec.matmul_backward, dtype=dtype)
+  if how is None:
+    bound = accumulation_bound(depth, a_levels, b_levels)
+    return note(product, None, f"its sums (up to {bound:,} for depth {depth}) are not exact in "
+                               f"any accumulator quant.matmul_operands="
+                               f"{spec.matmul_operands!r} allows")
+  return note(product, how)
 
 
 def integer_levels(value: jax.Array, unit: jax.Array) -> jax.Array:

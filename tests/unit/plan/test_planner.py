@@ -68,6 +68,12 @@ def test_every_stage_compiles_abstractly_with_data_and_fsdp_axes(compiled):
   qat = plan.stages[1]
   assert INT8_DOT.search(compiled[1].as_text()) and qat.dots.share("int8") > 0.2
   assert not INT8_DOT.search(compiled[0].as_text())  # the float stage has none
+  # ... and the plan lists each product's path: int8 everywhere but the patch embedding.
+  paths = {d.product: d for d in qat.products}
+  assert not plan.stages[0].products and "blocks.0.attn.logits" in paths
+  assert paths["patch_embed"].plan is None and "per pixel" in paths["patch_embed"].why
+  assert all(d.plan.operand == "int8" for name, d in paths.items() if name != "patch_embed")
+  assert "integer products  9 of 10 on integer levels" in report.as_text(plan)
 
 
 def test_fsdp_divides_the_arguments_per_chip():
