@@ -36,7 +36,10 @@ import importlib
 import importlib.util
 import pathlib
 import re
+import os
 import shlex
+import subprocess
+import sys
 
 from support.runs import SWIN_TINY_OVERRIDES, TINY_OVERRIDES
 
@@ -49,10 +52,13 @@ CONFIG_FILES = {"digits": ("", "arch=swin", "method=lsq"),
                 "deit_model": ("",)}
 """Every config file with the argument strings whose keys prose may name."""
 
-TINY = " ".join(shlex.quote(f"--config.{k}={v}") for k, v in TINY_OVERRIDES.items())
+_ONE_SAVE = {"checkpoint_every_steps": 1000}  # a save per step costs seconds; a page needs none
+TINY = " ".join(shlex.quote(f"--config.{k}={v}") for k, v in
+                {**TINY_OVERRIDES, **_ONE_SAVE}.items())
 TINY_SWIN = " ".join(shlex.quote(f"--config.{k}={v}".replace(" ", "")) for k, v in
-                     {**SWIN_TINY_OVERRIDES, "plots": False}.items())
-"""What ``<!-- docs: tiny -->`` appends (the integration tests' tiny digits runs)."""
+                     {**SWIN_TINY_OVERRIDES, **_ONE_SAVE, "plots": False}.items())
+"""What ``<!-- docs: tiny -->`` appends: the integration tests' tiny digits runs (their
+compiled steps are shared through the session's compilation cache), saving at the end."""
 
 _FENCE = re.compile(r"^(\s*)```(.*)$")
 _DIRECTIVE = re.compile(r"^\s*<!--\s*docs:\s*(\w+)\s*(.*?)\s*-->\s*$")
@@ -347,3 +353,25 @@ def runnable(page: Page) -> list[tuple[str, str, int]]:
     else:
       runs.append([block.language, code, block.line])
   return [tuple(run) for run in runs]
+
+
+TRAINING_PAGES = ("README", "training", "integer", "oscillation")
+"""The pages that train (or resume) the digits run in ``/tmp/ofq_digits``: they run in one
+file (``test_docs_run.py``), so in one worker and one shared folder; the other pages run
+beside them (``test_docs_run_other.py``)."""
+
+
+def run_blocks(path: pathlib.Path, tmp: pathlib.Path) -> None:
+  """Runs a page's blocks in order with ``/tmp/`` as ``tmp``; fails naming the first
+  block that fails, with its code and output."""
+  page = parse(path)
+  env = {**os.environ, "MPLBACKEND": "Agg"}
+  for language, code, line in runnable(page):
+    code = code.replace("/tmp/", f"{tmp}/")
+    command = ([sys.executable, "-c", code] if language == "python"
+               else ["bash", "-eo", "pipefail", "-c", code])
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env,
+                          cwd=REPO, check=False)
+    assert done.returncode == 0, (
+        f"{page.name}:{line}: the {language} block failed (exit {done.returncode})\n"
+        f"{code}\n--- output ---\n{(done.stdout + done.stderr)[-3000:]}")
