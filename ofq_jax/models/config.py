@@ -11,7 +11,6 @@ import ml_collections
 from ofq_jax import run_record
 from ofq_jax.errors import UserError
 from ofq_jax.models import quant_keys
-from ofq_jax.models.quant_keys import ATTENTIONS, ATTN_INITS, QK_BIASES, QK_FORMS  # noqa: F401
 from ofq_jax.quant import integer
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -32,11 +31,6 @@ FIELDS: dict[str, Any] = dict(
 """A DeiT config's fields besides ``quant``, at DeiT-T's values."""
 
 
-def quant_defaults(family: str = "deit") -> ml_collections.ConfigDict:
-  """The `quant` block of a model family's config (``quant_keys.QUANT_KEYS``)."""
-  return quant_keys.quant_defaults(family)
-
-
 def model_config(size: str | None = "tiny", **overrides: Any) -> ml_collections.ConfigDict:
   """DeiT config: a preset (``tiny``, ``small``, ``base`` or None) plus overrides.
 
@@ -51,7 +45,7 @@ def family_config(family: str, fields: dict[str, Any], presets: dict[str, dict[s
   """A model family's config: its ``fields``, its ``quant`` defaults, then the preset
   ``size`` and the ``overrides`` (``apply_preset``)."""
   config = ml_collections.ConfigDict(dict(fields))
-  config.quant = quant_defaults(family)
+  config.quant = quant_keys.quant_defaults(family)
   return apply_preset(config, presets, size, family.capitalize() if family != "deit"
                       else "DeiT", overrides)
 
@@ -121,9 +115,8 @@ def qk_form(quant: ml_collections.ConfigDict) -> str:
 
 
 def check_qk_form(quant: ml_collections.ConfigDict) -> None:
-  """A known ``quant.qk_form``; ``'product'`` parameterises QKR's W_qk: only QKR has one."""
-  if qk_form(quant) not in QK_FORMS:
-    raise UserError(f"model.quant.qk_form={qk_form(quant)!r} is not one of {QK_FORMS}.")
+  """``'product'`` parameterises QKR's W_qk: only QKR has one (the value itself is
+  checked with the other keys, ``quant_keys.check_quant``)."""
   if qk_form(quant) == "product" and quant.attention != "qkr":
     raise UserError(f"model.quant.qk_form='product' holds QKR's W_q^T W_k as one parameter, "
                     f"but model.quant.attention={quant.attention!r} has no such product; use "
@@ -131,7 +124,8 @@ def check_qk_form(quant: ml_collections.ConfigDict) -> None:
 
 
 def with_qk_form(config: ml_collections.ConfigDict, form: str) -> ml_collections.ConfigDict:
-  """A copy of ``config`` whose QKR attention holds W_qk in ``form`` (``QK_FORMS``)."""
+  """A copy of ``config`` whose QKR attention holds W_qk in ``form``
+  (``quant_keys.QK_FORMS``)."""
   config = copy.deepcopy(config)
   config.quant.qk_form = form
   return config

@@ -12,3 +12,9 @@ def float_teacher(tmp_path_factory) -> str:
   workdir = tmp_path_factory.mktemp("teacher")
   train.train_and_evaluate(digits_config(stages=("float",), num_train_steps=1), str(workdir))
   return str(workdir / "models" / "float")
+
+
+@pytest.fixture(scope="module")
+def docs_tmp(tmp_path_factory):
+  """The folder that stands for ``/tmp/`` in the doc blocks one test file runs."""
+  return tmp_path_factory.mktemp("docs_tmp")

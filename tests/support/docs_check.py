@@ -31,6 +31,7 @@ the same command (in prose: against any of the repository's configs),
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import importlib
 import importlib.util
@@ -192,6 +193,7 @@ def _all_text(page: Page) -> list[tuple[int, str]]:
   return out
 
 
+@functools.lru_cache(maxsize=None)
 def anchors(path: pathlib.Path) -> set[str]:
   """GitHub's heading anchors of a Markdown file."""
   out = set()
@@ -234,7 +236,9 @@ def path_problems(page: Page) -> list[str]:
   return problems
 
 
+@functools.lru_cache(maxsize=None)
 def load_config(file: str, arg: str = ""):
+  """``configs/<file>.py``'s ``get_config(arg)``, loaded once (the checks only read it)."""
   spec = importlib.util.spec_from_file_location(f"docs_{file}_config", REPO / "configs" / f"{file}.py")
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
@@ -253,7 +257,8 @@ def has_key(config, key: str) -> bool:
   return True
 
 
-def choices(file: str, key: str) -> set[str]:
+@functools.lru_cache(maxsize=None)
+def choices(file: str, key: str) -> frozenset[str]:
   """The values ``configs/<file>.py`` accepts for ``key`` (from its one-line error)."""
   for probe in ("__no_such_value__", "-987654"):  # a string or a number field
     try:
@@ -261,8 +266,8 @@ def choices(file: str, key: str) -> set[str]:
     except Exception as error:  # pylint: disable=broad-except
       listed = re.search(r"is not one of (.*?) \(known", str(error))
       if listed:
-        return set(listed.group(1).split(", "))
-  return set()
+        return frozenset(listed.group(1).split(", "))
+  return frozenset()
 
 
 def _commands(page: Page) -> list[tuple[int, str, bool]]:
@@ -359,6 +364,11 @@ TRAINING_PAGES = ("README", "training", "integer", "oscillation")
 """The pages that train (or resume) the digits run in ``/tmp/ofq_digits``: they run in one
 file (``test_docs_run.py``), so in one worker and one shared folder; the other pages run
 beside them (``test_docs_run_other.py``)."""
+
+
+def run_pages(training: bool) -> list[pathlib.Path]:
+  """The pages with blocks to run: those of ``TRAINING_PAGES``, or the others."""
+  return [p for p in pages() if runnable(parse(p)) and (p.stem in TRAINING_PAGES) == training]
 
 
 def run_blocks(path: pathlib.Path, tmp: pathlib.Path) -> None:
