@@ -63,11 +63,6 @@ class CGAState(NamedTuple):
   frozen: dict[str, jax.Array]  # share frozen per target (dotted path) and "total"
 
 
-class LegacyCGAState(NamedTuple):
-  """The CGA state as checkpoints before ``frozen`` existed hold it (restore only)."""
-  inner: optax.OptState
-
-
 def frozen_masks(params: Any, bits: Any, boundary_range: float) -> Any:
   """Pytree of frozen masks: ``bits`` is a pytree of ints (0 = not a target); a
   ``CGATarget`` names its scale axes, a plain int is a Flax kernel's ``(0,)``."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -18,6 +18,9 @@ from flax import nnx
 from ofq_jax import compat
 from ofq_jax.errors import UserError
 from ofq_jax.models.config import stored_model_differences
+
+VERSION_KEY = "layout_version"
+"""The meta key of a training checkpoint's state layout (``ofq_jax.upgrades``)."""
 
 MODEL_CONFIG_FILE = "model_config.json"
 """Beside the arrays of a model directory: the config that built the model, so a reader
@@ -94,12 +97,17 @@ def load_fitting_model_dir(directory: str,
 
 
 class Checkpointer:
-  """Checkpoints of one training stage: ``{"state": pytree, "meta": json}`` per step."""
+  """Checkpoints of one training stage: ``{"state": pytree, "meta": json}`` per step.
+
+  ``layout_version``: the state layout this reader builds (``upgrades.LAYOUT_VERSION``),
+  recorded in the meta of every save and compared with a checkpoint's before reading it.
+  """
 
   def __init__(self, directory: str, *, keep: int = 2, async_save: bool = True,
-               log=print):
+               log=print, layout_version: int | None = None):
     self.directory = os.path.abspath(directory)
     self.log = log
+    self.layout_version = layout_version
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            enable_async_checkpointing=async_save)
     # Items are named by the Composite args of each call (``item_names`` is deprecated).
@@ -115,6 +123,8 @@ class Checkpointer:
     return sorted(self.manager.all_steps())
 
   def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+    if self.layout_version is not None:
+      meta = {**meta, VERSION_KEY: self.layout_version}
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
 
@@ -125,19 +135,24 @@ class Checkpointer:
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
   def restore(self, abstract_state: Any, step: int | None = None, *,
-              older_layouts: tuple[tuple[Any, Callable[[Any], Any]], ...] = ()
+              older_layouts: Mapping[int, tuple[Any, Callable[[Any], Any]]] | None = None
               ) -> tuple[int, Any, dict[str, Any]] | None:
     """Newest readable checkpoint (or ``step``) restored onto ``abstract_state``'s shardings.
 
     Returns ``(step, state, meta)``, or None when there is none. An unreadable newest
     checkpoint is reported and the previous one is tried. ``older_layouts``:
-    ``(abstract, upgrade)`` pairs for state layouts earlier versions wrote, tried when
-    a checkpoint does not match ``abstract_state``; ``upgrade`` converts what they read.
+    ``{version: (abstract, upgrade)}`` for the state layouts earlier versions wrote
+    (``upgrades.older_layouts``): a checkpoint recording its version is read in that
+    layout alone; one from before versions were recorded, in each layout, newest first.
+    A checkpoint of a newer layout than ``layout_version`` is a ``UserError``.
     """
+    older_layouts = older_layouts or {}
     candidates = [step] if step is not None else list(reversed(self.steps()))
     for index, candidate in enumerate(candidates):
       try:
         restored = self._restore_step(candidate, abstract_state, older_layouts)
+      except UserError:
+        raise
       except Exception as error:  # pylint: disable=broad-except
         if step is not None or index == len(candidates) - 1:
           raise RuntimeError(f"Checkpoint {candidate} in {self.directory} cannot be read: "
@@ -150,9 +165,24 @@ class Checkpointer:
       return candidate, restored["state"], restored["meta"]
     return None
 
+  def _layouts_to_try(self, step: int, abstract_state: Any, older_layouts) -> list:
+    """``(abstract, upgrade)`` pairs for ``step``: the one its recorded version names, or
+    every layout, today's first, when it records none."""
+    today = (abstract_state, None)
+    recorded = self.read_meta(step).get(VERSION_KEY)
+    if recorded is None or self.layout_version is None:
+      return [today] + [older_layouts[v] for v in sorted(older_layouts, reverse=True)]
+    if recorded > self.layout_version:
+      raise UserError(f"checkpoint {step} in {self.directory} has state layout {recorded}; "
+                      f"this ofq_jax reads layouts up to {self.layout_version}: run it with the "
+                      "ofq_jax that wrote it, or start the stage afresh in another workdir.")
+    # A version absent from older_layouts has the layout of the next one for this state.
+    newer = [v for v in older_layouts if recorded <= v < self.layout_version]
+    return [older_layouts[min(newer)]] if newer else [today]
+
   def _restore_step(self, step: int, abstract_state: Any, older_layouts) -> dict[str, Any]:
     errors = []
-    for abstract, upgrade in ((abstract_state, None),) + tuple(older_layouts):
+    for abstract, upgrade in self._layouts_to_try(step, abstract_state, older_layouts):
       try:
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
@@ -162,7 +192,7 @@ class Checkpointer:
       if upgrade is not None:
         restored = dict(restored, state=upgrade(restored["state"]))
       return restored
-    raise errors[0]  # the current layout's reason
+    raise errors[0]  # the first layout's reason
 
   def _set_aside(self, step: int) -> str:
     """Renames an unreadable step out of orbax's way (kept for inspection)."""

@@ -30,7 +30,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from ofq_jax import cga, losses, optim, product_form, run_record, sharding, step
+from ofq_jax import cga, losses, optim, product_form, run_record, sharding, step, upgrades
 from ofq_jax.checkpointing import Checkpointer, load_model_dir
 from ofq_jax.data import DataShape, DataSource, steps_per_epoch
 from ofq_jax.errors import MissingInputError, UserError
@@ -38,7 +38,6 @@ from ofq_jax.interop import quantize_from_float
 from ofq_jax.interop.families import load_float
 from ofq_jax.models import calibrate, create_model, float_config, quantized_config
 from ofq_jax.models.config import PRECISIONS, stored_model_differences
-from ofq_jax.models.quantizers import QuantBuffer
 from ofq_jax.models.rounded import cga_targets
 
 
@@ -87,11 +86,6 @@ def _no_metrics(state: step.State) -> dict[str, float]:
   return {}
 
 
-def _no_older_layouts(spec: step.StateSpec) -> tuple:
-  del spec
-  return ()
-
-
 @dataclasses.dataclass(frozen=True)
 class StagePlan:
   """Everything that makes one stage what it is; ``name`` only labels its outputs."""
@@ -106,7 +100,6 @@ class StagePlan:
   tracking: ml_collections.ConfigDict | None
   fresh_state: Callable[[step.StateSpec], step.State]  # when checkpoints/<name> is empty
   end_metrics: Callable[[step.State], dict[str, float]] = _no_metrics
-  older_layouts: Callable[[step.StateSpec], tuple] = _no_older_layouts  # for Checkpointer
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -224,8 +217,7 @@ def build_cga_plan(config, run: Run) -> StagePlan:
   return StagePlan("cga", student, teacher, tx, schedule, _loss(config, distill=True),
                    run.total_steps(hyper.epochs), seed, config.get("tracking"),
                    fresh_state=lambda spec: _state_from_qat(config, run, spec, bits),
-                   end_metrics=end_metrics,
-                   older_layouts=lambda spec: _cga_layout_before_frozen(spec, bits, config))
+                   end_metrics=end_metrics)
 
 
 def _state_from_qat(config, run: Run, spec: step.StateSpec, bits: Any) -> step.State:
@@ -236,7 +228,8 @@ def _state_from_qat(config, run: Run, spec: step.StateSpec, bits: Any) -> step.S
   target = dict(spec.abstract, opt_state=spec.abstract["opt_state"].inner)
   qat_spec = product_form.qat_layout(config, run.mesh, lambda student: _adamw(
       config, config.qat, lambda count: jnp.full((), config.qat.min_lr, jnp.float32), student))
-  with Checkpointer(directory, keep=config.keep_checkpoints, async_save=False) as qat:
+  with Checkpointer(directory, keep=config.keep_checkpoints, async_save=False,
+                    layout_version=upgrades.LAYOUT_VERSION) as qat:
     if not qat.steps():
       raise MissingInputError(f"No QAT checkpoint in {directory}: run the 'qat' stage first "
                               "or set --config.cga.resume=DIR (a checkpoints/qat folder).")
@@ -247,7 +240,7 @@ def _state_from_qat(config, run: Run, spec: step.StateSpec, bits: Any) -> step.S
       raise UserError(f"The QAT checkpoints in {directory} track oscillation but this CGA "
                       "stage does not (config.tracking.enabled=False); keep tracking "
                       "enabled for CGA, as in the QAT run.")
-    older = step.tracker_older_layouts(qat_spec or spec, abstract)
+    older = upgrades.older_layouts(qat_spec or spec, abstract=abstract)
     qat_step, state, _ = qat.restore(abstract, older_layouts=older)
   _log(f"[cga] starting from QAT checkpoint {qat_step} in {directory}")
   if qat_spec is not None:
@@ -265,18 +258,6 @@ def _frozen(spec: step.StateSpec, bits: Any, config) -> Callable[[step.State], A
   fractions = jax.jit(lambda p: cga.frozen_fractions(p, bits, config.cga.boundary_range),
                       out_shardings=spec.shardings["opt_state"].frozen)
   return lambda state: fractions(state["params"])
-
-
-def _cga_layout_before_frozen(spec: step.StateSpec, bits: Any, config) -> tuple:
-  """Mid-CGA checkpoints written before ``CGAState.frozen`` existed: read their layout,
-  then fill ``frozen`` from the restored weights."""
-  abstract = dict(spec.abstract,
-                  opt_state=cga.LegacyCGAState(spec.abstract["opt_state"].inner))
-  frozen = _frozen(spec, bits, config)
-
-  def upgrade(state: step.State) -> step.State:
-    return dict(state, opt_state=cga.CGAState(state["opt_state"].inner, frozen(state)))
-  return ((abstract, upgrade),)
 
 
 # ----------------------------------------------------------------------------- input checks

@@ -24,8 +24,7 @@ from jax.sharding import Mesh
 
 from ofq_jax import cga, sharding
 from ofq_jax.models.quantizers import QuantBuffer
-from ofq_jax.models.tracker import (LegacyTracker, OscillationTracker, create_tracker,
-                                    weight_scales)
+from ofq_jax.models.tracker import OscillationTracker, create_tracker, weight_scales
 
 State = dict[str, Any]
 TEACHER_SCOPE = "teacher"
@@ -109,41 +108,6 @@ def tracker_start_fn(spec: StateSpec) -> Callable[[Any, Any], Any]:
     tracker.reset(nnx.merge(spec.graphdef, params, buffers))
     return nnx.state(tracker)
   return jax.jit(start, out_shardings=spec.shardings["tracker"])
-
-
-def tracker_older_layouts(spec: StateSpec, abstract: State | None = None) -> tuple:
-  """Checkpoints whose tracker has the layout before the fixed grid and the per-module
-  groups (``tracker.LegacyTracker``): read them, keep the weights, the optimizer and
-  the integer-level oscillation history, start the new tracker fields at that step.
-  ``abstract``: the restore target when it is not ``spec.abstract`` (CGA reads the QAT
-  optimizer state)."""
-  abstract = spec.abstract if abstract is None else abstract
-  if spec.tracker is None or "tracker" not in abstract:
-    return ()
-  legacy = nnx.eval_shape(lambda: LegacyTracker(spec.tracker))
-  legacy_graphdef, legacy_shapes = nnx.split(legacy)
-  # Read replicated once; the upgrade lays it out like the current tracker.
-  legacy_shardings = jax.tree.map(lambda _: sharding.replicated(spec.mesh), legacy_shapes)
-  abstract = dict(abstract, tracker=sharding.abstract(legacy_shapes, legacy_shardings))
-  start = tracker_start_fn(spec)
-
-  def carry_history(fresh, old):
-    tracker = nnx.merge(spec.tracker_graphdef, fresh)
-    nnx.merge(legacy_graphdef, old).upgrade(tracker)
-    return nnx.state(tracker)
-  carry = jax.jit(carry_history, out_shardings=spec.shardings["tracker"])
-
-  def upgrade(state: State) -> State:
-    _log_upgrade()
-    fresh = start(state["params"], state["buffers"])
-    return dict(state, tracker=carry(fresh, state["tracker"]))
-  return ((abstract, upgrade),)
-
-
-def _log_upgrade() -> None:
-  if jax.process_index() == 0:
-    print("[tracking] checkpoint from before the fixed-grid tracker: oscillation history "
-          "kept, fixed-grid and per-part counts start now", flush=True)
 
 
 def make_train_step(spec: StateSpec, loss: Callable[..., jax.Array],

@@ -30,16 +30,15 @@ import ml_collections
 from flax import nnx
 
 from ofq_jax import data as data_lib
-from ofq_jax import config_keys, host_memory, losses, preemption, run_record, sharding, stages
+from ofq_jax import (config_keys, host_memory, losses, preemption, run_record, sharding, stages,
+                     upgrades)
 from ofq_jax import step as step_lib
-from ofq_jax.checkpointing import Checkpointer, load_model_dir, save_model_dir
+from ofq_jax.checkpointing import Checkpointer, save_model_dir
 from ofq_jax.errors import UserError
 from ofq_jax.metrics import MetricsWriter, Progress
-from ofq_jax.models import create_model, float_config, quantized_config  # noqa: F401
+from ofq_jax.models import create_model, float_config, quantized_config
 from ofq_jax.models.config import resolve_platform_defaults
 
-FAULT_ENV = preemption.FAULT_ENV
-save_model, load_model = save_model_dir, load_model_dir  # the names before the move
 
 
 @dataclasses.dataclass
@@ -148,7 +147,8 @@ def run_stage(plan: stages.StagePlan, run: stages.Run, stop: preemption.StopSign
   spec = step_lib.create_train_state(plan.student, plan.tx, run.mesh, tracking=plan.tracking,
                                      min_size=config.fsdp_min_size)
   with Checkpointer(run.path("checkpoints", plan.name), keep=config.keep_checkpoints,
-                    async_save=config.async_checkpointing, log=_log) as ckpt:
+                    async_save=config.async_checkpointing, log=_log,
+                    layout_version=upgrades.LAYOUT_VERSION) as ckpt:
     start, state, meta = _resume(plan, spec, ckpt)
     if meta.get("done"):
       _log(f"[{plan.name}] stage already complete (top-1 {meta['eval']['top1']:.2f}%)")
@@ -185,7 +185,7 @@ def run_stage(plan: stages.StagePlan, run: stages.Run, stop: preemption.StopSign
 def _resume(plan: stages.StagePlan, spec: step_lib.StateSpec, ckpt: Checkpointer
             ) -> tuple[int, step_lib.State | None, dict[str, Any]]:
   """``(step, state, meta)`` of the newest readable checkpoint, or ``(0, None, {})``."""
-  older = plan.older_layouts(spec) + step_lib.tracker_older_layouts(spec)
+  older = upgrades.older_layouts(spec, plan.tx)
   resumed = (ckpt.restore(spec.abstract, older_layouts=older)
              if ckpt.steps() else None)
   if resumed is None:

@@ -17,8 +17,7 @@ from ofq_jax.interop.names import entries, state_to_torch, statsq_clip_key
 from ofq_jax.interop.swin_buffers import INDEX_SUFFIX, pop_position_indices, position_indices
 from ofq_jax.paths import dotted
 from ofq_jax.models.attention import QKRAttention
-from ofq_jax.models.config import float_config  # noqa: F401  (notebooks import it here)
-from ofq_jax.models.config import qk_form
+from ofq_jax.models.config import float_config, qk_form
 from ofq_jax.models import create_model as create_any_model
 from ofq_jax.models.deit import DeiT, create_model
 from ofq_jax.models.dtypes import param_dtype, state_dtype

@@ -20,8 +20,7 @@ from ofq_jax.models.attention import QKRAttention, StandardAttention
 from ofq_jax.models.dtypes import build
 from ofq_jax.models.fences import residual_fence
 from ofq_jax.models.layers import Mlp, PatchEmbed, QDense
-from ofq_jax.models.config import (check_images, model_config, qk_form,  # noqa: F401
-                                   validate_config)
+from ofq_jax.models.config import check_images, qk_form, validate_config
 from ofq_jax.quant.rules import QuantRules
 
 def num_tokens(config: ml_collections.ConfigDict) -> int:

@@ -393,34 +393,6 @@ class OscillationTracker(nnx.Module):
     return out
 
 
-class LegacyWeightTracker(nnx.Module):
-  """One tensor's state as trackers before the per-module groups wrote it: the
-  integer-level history and a scalar flip count."""
-
-  def __init__(self, shape: tuple[int, ...]):
-    self.prev_level = OscillationVar(jnp.zeros(shape, jnp.int8))
-    self.prev_direction = OscillationVar(jnp.zeros(shape, jnp.int8))
-    self.ema = OscillationVar(jnp.zeros(shape, jnp.float32))
-    self.flips = OscillationVar(jnp.zeros((), jnp.float32))
-
-
-class LegacyTracker(nnx.Module):
-  """The tracker layout of checkpoints written before the fixed grid, the per-part
-  flips and QKR's implied factors existed (read only, then ``upgrade``)."""
-
-  def __init__(self, tracker: OscillationTracker):
-    self.trackers = nnx.List([LegacyWeightTracker(t.ema.shape)
-                              for t in tracker.trackers[:len(tracker.weights)]])
-
-  def upgrade(self, tracker: OscillationTracker) -> None:
-    """Copies the integer-level history into ``tracker`` (a freshly reset one): the
-    fixed grid and the implied factors start at the resumed step."""
-    for old, new in zip(self.trackers, tracker.trackers):
-      new.prev_level.set_value(old.prev_level[...])
-      new.prev_direction.set_value(old.prev_direction[...])
-      new.ema.set_value(old.ema[...])
-
-
 def create_tracker(model: nnx.Module, config: ml_collections.ConfigDict | None
                    ) -> OscillationTracker | None:
   """The tracker ``config.tracking`` asks for, or None (disabled, or nothing quantized).

@@ -1,17 +1,13 @@
 """Preemption and kills: SIGTERM saves and exits 143 at a step every process agrees on,
 SIGKILL loses nothing saved, and every rerun resumes exactly."""
 
-import json
 import os
-import shutil
 import socket
 import subprocess
 
 import pytest
 
-from ofq_jax import cga, sharding, stages, step, train
-from ofq_jax.checkpointing import Checkpointer
-from ofq_jax.data import build
+from ofq_jax import preemption, train
 from support import REPO
 from support.runs import cli, cli_args, digits_config, losses_by_step, read_metrics
 
@@ -22,10 +18,10 @@ def test_preemption_and_kill_resume_exactly(tmp_path, float_teacher):
   overrides = {"num_train_steps": 6, "stages": "('qat',)", "qat.teacher": float_teacher,
                "tracking.every_steps": 2, "qat.warmup_epochs": 0}
   workdir = tmp_path / "interrupted"
-  term = cli(workdir, overrides=overrides, check=False, env={train.FAULT_ENV: "qat:2:term"})
+  term = cli(workdir, overrides=overrides, check=False, env={preemption.FAULT_ENV: "qat:2:term"})
   assert term.returncode == 143, term.stderr[-2000:]
   assert "SIGTERM: saved checkpoint 3" in term.stdout
-  killed = cli(workdir, overrides=overrides, check=False, env={train.FAULT_ENV: "qat:4"})
+  killed = cli(workdir, overrides=overrides, check=False, env={preemption.FAULT_ENV: "qat:4"})
   assert killed.returncode == -9, killed.stderr[-2000:]
   assert "resumed from checkpoint 3" in killed.stdout
   finished = cli(workdir, overrides=overrides)
@@ -80,7 +76,7 @@ def test_two_processes_stop_together_and_match_one(tmp_path):
   overrides = {"stages": "('float',)", "num_train_steps": 5, "checkpoint_every_steps": 100,
                "stop_check_every_steps": 1}
   workdir = tmp_path / "multi"
-  stopped = _run_two_processes(workdir, overrides, envs=({}, {train.FAULT_ENV: "float:2:term"}))
+  stopped = _run_two_processes(workdir, overrides, envs=({}, {preemption.FAULT_ENV: "float:2:term"}))
   for status, out, err in stopped:
     assert status == 143, out + err[-3000:]
   assert "SIGTERM: saved checkpoint 3" in stopped[0][1]
@@ -100,40 +96,3 @@ def test_two_processes_stop_together_and_match_one(tmp_path):
   evals = [r for r in read_metrics(workdir) if "eval/top1" in r]
   single_eval = [r for r in read_metrics(tmp_path / "single") if "eval/top1" in r]
   assert evals[-1]["eval/top1"] == pytest.approx(single_eval[-1]["eval/top1"])
-
-
-def test_mid_cga_checkpoint_of_the_older_layout_resumes(tmp_path, float_teacher):
-  """A CGA checkpoint written before ``CGAState`` carried its frozen fractions (the state
-  ``LegacyCGAState(inner)``) restores through the older layout, gets its fractions from
-  the restored weights, and the run ends exactly where an uninterrupted one does."""
-  config = digits_config(stages=("qat", "cga"), num_train_steps=4)
-  config.qat.teacher = float_teacher
-  straight = train.train_and_evaluate(config, str(tmp_path / "straight"))
-  workdir = tmp_path / "old"
-  shutil.copytree(tmp_path / "straight", workdir)
-  (workdir / "summary.json").unlink()
-  shutil.rmtree(workdir / "models" / "cga")
-  records = [r for r in read_metrics(workdir) if r["stage"] != "cga" or r["step"] <= 3]
-  (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-  run = stages.Run(config, str(workdir), build(config.data), sharding.make_mesh())
-  plan = stages.STAGES["cga"].build(config, run)
-  spec = step.create_train_state(plan.student, plan.tx, run.mesh, tracking=plan.tracking,
-                                 min_size=config.fsdp_min_size)
-  directory = workdir / "checkpoints" / "cga"
-  with Checkpointer(str(directory), async_save=False) as ckpt:
-    _, state, meta = ckpt.restore(spec.abstract, step=3)  # steps 3 and 4 are kept
-  for path in directory.iterdir():
-    shutil.rmtree(path)
-  state["opt_state"] = cga.LegacyCGAState(state["opt_state"].inner)
-  with Checkpointer(str(directory), async_save=False) as ckpt:
-    ckpt.save(3, state, meta)
-  with pytest.raises(Exception):  # the layout really is the older one
-    with Checkpointer(str(directory), async_save=False) as ckpt:
-      ckpt.restore(spec.abstract, step=3)
-  resumed = train.train_and_evaluate(config, str(workdir))
-  assert resumed["cga_top1"] == straight["cga_top1"]
-  assert resumed["frozen_fraction"] == straight["frozen_fraction"]
-  again, before = losses_by_step(workdir, "cga"), losses_by_step(tmp_path / "straight", "cga")
-  assert again.keys() == before.keys() == {1, 2, 3, 4}
-  for key in again:
-    assert again[key] == pytest.approx(before[key], abs=1e-6)

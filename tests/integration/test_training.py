@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 
 from ofq_jax import train
+from ofq_jax.checkpointing import load_model_dir
+from ofq_jax.models import create_model, float_config
 from support import REPO
 from support.runs import digits_config, read_metrics
 
@@ -99,13 +101,12 @@ def test_one_device_and_four_by_two_mesh_agree(tmp_path, float_teacher):
     if "osc/flips" in one:
       assert abs(two["osc/flips"] - one["osc/flips"]) <= 2
   from ofq_jax.interop import export_ofq_torch
-  from ofq_jax.models import create_model
   config = digits_config()
   config.model.quant.enabled = True
   params = {}
   for name, workdir in results.items():
-    params[name] = export_ofq_torch(train.load_model(str(workdir / "models" / "qat"),
-                                                     create_model(config.model)))
+    params[name] = export_ofq_torch(load_model_dir(str(workdir / "models" / "qat"),
+                                                   create_model(config.model)))
   for key, value in params["single"].items():
     np.testing.assert_allclose(params["mesh"][key], value, rtol=0, atol=1e-5, err_msg=key)
 
@@ -140,7 +141,6 @@ def test_evaluate_every_checkpoint_kind(tmp_path, float_teacher):
   from ofq_jax import export
   from ofq_jax.evaluate import evaluate_checkpoint
   from ofq_jax.interop import export_ofq_torch, export_timm_deit
-  from ofq_jax.models import create_model
   config = digits_config(stages=("qat",))
   config.qat.teacher = float_teacher
   summary = train.train_and_evaluate(config, str(tmp_path / "run"))
@@ -150,7 +150,7 @@ def test_evaluate_every_checkpoint_kind(tmp_path, float_teacher):
   assert result["top1"] == pytest.approx(summary["qat_top1"])
   quantized = copy.deepcopy(config.model)
   quantized.quant.enabled = True
-  model = train.load_model(qat_dir, create_model(quantized))
+  model = load_model_dir(qat_dir, create_model(quantized))
   np.savez(tmp_path / "ofq.npz", **export_ofq_torch(model))
   result = evaluate_checkpoint(config, str(tmp_path / "ofq.npz"))
   assert result["kind"] == "OFQ reference"
@@ -162,8 +162,7 @@ def test_evaluate_every_checkpoint_kind(tmp_path, float_teacher):
   assert result["top1"] == pytest.approx(summary["qat_top1"], abs=100 / 360 + 1e-9)
   float_result = evaluate_checkpoint(config, float_teacher)
   assert float_result["kind"] == "ofq_jax float"
-  float_model = train.load_model(float_teacher, create_model(
-      train.float_config(config.model)))
+  float_model = load_model_dir(float_teacher, create_model(float_config(config.model)))
   np.savez(tmp_path / "deit.npz", **export_timm_deit(float_model))
   result = evaluate_checkpoint(config, str(tmp_path / "deit.npz"))
   assert result["kind"] == "timm / FB DeiT"

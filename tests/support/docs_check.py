@@ -371,17 +371,42 @@ def run_pages(training: bool) -> list[pathlib.Path]:
   return [p for p in pages() if runnable(parse(p)) and (p.stem in TRAINING_PAGES) == training]
 
 
+_SHELL_SYNTAX = re.compile(r"[;&|<>()$`]|^\s*(for|while|if|do|done|then|fi|cd|export)\b")
+_RAN: set[tuple[str, str]] = set()
+"""``(folder, command)`` pairs that ran and succeeded in this process."""
+
+
+def _steps(language: str, code: str) -> list[str]:
+  """A bash block of plain one-line commands (``\\`` continuations joined) as its
+  commands, so that each runs on its own; any other block as one step."""
+  if language != "bash":
+    return [code]
+  lines = [line for line in code.replace("\\\n", " ").splitlines() if line.strip()]
+  if any(_SHELL_SYNTAX.search(line.split("#")[0]) for line in lines):
+    return [code]
+  return lines
+
+
 def run_blocks(path: pathlib.Path, tmp: pathlib.Path) -> None:
   """Runs a page's blocks in order with ``/tmp/`` as ``tmp``; fails naming the first
-  block that fails, with its code and output."""
+  block that fails, with its code and output.
+
+  A command that already succeeded in ``tmp`` (another page's identical ``python -m
+  ofq_jax.main`` resuming the same finished run, the same ``evaluate``) is not run again:
+  it reads the same files and would print the same.
+  """
   page = parse(path)
   env = {**os.environ, "MPLBACKEND": "Agg"}
   for language, code, line in runnable(page):
     code = code.replace("/tmp/", f"{tmp}/")
-    command = ([sys.executable, "-c", code] if language == "python"
-               else ["bash", "-eo", "pipefail", "-c", code])
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env,
-                          cwd=REPO, check=False)
-    assert done.returncode == 0, (
-        f"{page.name}:{line}: the {language} block failed (exit {done.returncode})\n"
-        f"{code}\n--- output ---\n{(done.stdout + done.stderr)[-3000:]}")
+    for part in _steps(language, code):
+      if (str(tmp), part) in _RAN:
+        continue
+      command = ([sys.executable, "-c", part] if language == "python"
+                 else ["bash", "-eo", "pipefail", "-c", part])
+      done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env,
+                            cwd=REPO, check=False)
+      assert done.returncode == 0, (
+          f"{page.name}:{line}: the {language} block failed (exit {done.returncode})\n"
+          f"{part}\n--- output ---\n{(done.stdout + done.stderr)[-3000:]}")
+      _RAN.add((str(tmp), part))
