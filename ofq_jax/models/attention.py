@@ -15,7 +15,7 @@ from flax import nnx
 from ofq_jax import target
 from ofq_jax.models.layers import (Levels, Precision, QDense, WeightLevels,
                                    activation_levels, default_kernel_init, move_bias,
-                                   quantized_dense)
+                                   per_token, quantized_dense)
 from ofq_jax.models.quantizers import LsqQuantizer
 from ofq_jax.models.rounded import Rounds, RoundsTensors
 from ofq_jax.quant import integer
@@ -119,12 +119,12 @@ class StandardAttention(nnx.Module):
   product_name = ""  # its module path, set by ``explain.products`` to name its products
 
   def __init__(self, dim: int, num_heads: int, *, spec: QuantSpec, proj_spec: QuantSpec,
-               num_tokens: int, rngs: nnx.Rngs, precision: Precision = "highest"):
+               num_tokens: int, rngs: nnx.Rngs):
     self.spec = spec
     self.num_heads = num_heads
     self.head_dim = dim // num_heads
-    self.precision = precision
-    dense = dict(rngs=rngs, input_step_shape=(num_tokens,), precision=precision)
+    self.precision = spec.precision
+    dense = dict(rngs=rngs, input_steps=per_token(num_tokens))
     self.qkv = QDense(dim, 3 * dim, spec=spec, **dense)
     self.proj = QDense(dim, dim, spec=proj_spec, **dense)
     lsq = _maybe_lsq(spec)
@@ -190,10 +190,10 @@ class QKRAttention(nnx.Module, RoundsTensors):
   Per head the product ``W_qk[h] = W_q,h^T W_k,h`` (D x D) is StatsQ-quantized
   with one scale per (head, row); the query side is the quantized input itself.
   ``q`` and ``k`` have no bias (the reference drops ``b_q``, ``b_k``);
-  ``qk_bias='fold'`` adds the trainable per-head key bias ``u_h = W_k,h^T b_q,h``
+  ``spec.qk_bias='fold'`` adds the trainable per-head key bias ``u_h = W_k,h^T b_q,h``
   so that the pretrained attention is kept exactly (spec item 7.3).
 
-  ``qk_form``: ``'factors'`` (the reference) trains ``q_kernel`` and ``k_kernel`` and
+  ``spec.qk_form``: ``'factors'`` (the reference) trains ``q_kernel`` and ``k_kernel`` and
   derives the product every forward; ``'product'`` trains ``qk_kernel`` ``(H, D, D)``,
   the product itself. The reference's CGA cannot anneal a derived product (spec 4.4:
   freezing an entry of ``W_qk`` needs a parameter that is that entry), so
@@ -203,8 +203,8 @@ class QKRAttention(nnx.Module, RoundsTensors):
   product_name = ""  # its module path, set by ``explain.products`` to name its products
 
   def __init__(self, dim: int, num_heads: int, *, spec: QuantSpec, proj_spec: QuantSpec,
-               num_tokens: int, rngs: nnx.Rngs, qk_bias: str = "drop",
-               qk_form: str = "factors", precision: Precision = "highest"):
+               num_tokens: int, rngs: nnx.Rngs):
+    qk_bias, qk_form, precision = spec.qk_bias, spec.qk_form, spec.precision
     if spec.quantize_weights and spec.weight_method != "statsq":
       raise ValueError("attention='qkr' quantizes W_q^T W_k with StatsQ only; got weight "
                        f"method {spec.weight_method!r}. Use attention='standard' for LSQ "
@@ -230,8 +230,7 @@ class QKRAttention(nnx.Module, RoundsTensors):
     self.v_bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
     self.key_bias = (nnx.Param(jnp.zeros((num_heads, dim), jnp.float32))
                      if qk_bias == "fold" else None)
-    self.proj = QDense(dim, dim, spec=proj_spec, rngs=rngs, input_step_shape=(num_tokens,),
-                       precision=precision)
+    self.proj = QDense(dim, dim, spec=proj_spec, rngs=rngs, input_steps=per_token(num_tokens))
     lsq = _maybe_lsq(spec)
     self.input_quant = lsq(signed=True, step_shape=(num_tokens,), keep_axes=(1,))
     self.qkx_quant = lsq(signed=True, step_shape=(num_tokens, num_heads), keep_axes=(1, 2))
@@ -321,8 +320,8 @@ class QKRAttention(nnx.Module, RoundsTensors):
   def _key_gemm(self, xq: jax.Array, x_levels: Levels | None) -> jax.Array:
     """The keys ``(B, N, H, D)`` from one ``(B*N, D) @ (D, H*D)`` GEMM (CPUs)."""
     batch, tokens, dim = xq.shape
-    keys = quantized_dense(xq, _product_columns(self.quantized_qk_product()), self.precision,
-                           self.spec, x_levels, self._weight_levels("qk_product"),
+    keys = quantized_dense(xq, _product_columns(self.quantized_qk_product()), self.spec,
+                           x_levels, self._weight_levels("qk_product"),
                            f"{self.product_name}.keys")
     return jnp.reshape(keys, (batch, tokens, self.num_heads, dim))
 
@@ -389,8 +388,8 @@ class QKRAttention(nnx.Module, RoundsTensors):
       x_levels = activation_levels(shifted, self.input_quant, self.move_aft[...])
 
     v_kernel = self.rounded("v_kernel") if self.spec.quantize_weights else self.v_kernel[...]
-    v = quantized_dense(xq, v_kernel, self.precision, self.spec, x_levels,
-                        self._weight_levels("v_kernel"), f"{self.product_name}.v") \
+    v = quantized_dense(xq, v_kernel, self.spec, x_levels, self._weight_levels("v_kernel"),
+                        f"{self.product_name}.v") \
         + self.v_bias[...]
     v = quantize_operand(v + self.move_v_b4[...] if acts else v, self.v_quant,
                          self.move_v_aft[...] if acts else None)

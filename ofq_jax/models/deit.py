@@ -19,8 +19,8 @@ from flax import nnx
 from ofq_jax.models.attention import QKRAttention, StandardAttention
 from ofq_jax.models.dtypes import build
 from ofq_jax.models.fences import residual_fence
-from ofq_jax.models.layers import Mlp, PatchEmbed, QDense
-from ofq_jax.models.config import check_images, qk_form, validate_config
+from ofq_jax.models.layers import PER_TENSOR, Mlp, PatchEmbed, QDense, per_token
+from ofq_jax.models.config import check_images, validate_config
 from ofq_jax.quant.rules import QuantRules
 
 def num_tokens(config: ml_collections.ConfigDict) -> int:
@@ -40,15 +40,12 @@ class Block(nnx.Module):
     self.norm1 = nnx.LayerNorm(dim, **norm)
     attn_cls = QKRAttention if (config.quant.enabled and config.quant.attention == "qkr") \
         else StandardAttention
-    extra = (dict(qk_bias=config.quant.qk_bias, qk_form=qk_form(config.quant))
-             if attn_cls is QKRAttention else {})
     self.attn = attn_cls(dim, config.num_heads, spec=rules(f"{prefix}.attn"),
-                         proj_spec=rules(f"{prefix}.attn.proj"), num_tokens=tokens, rngs=rngs,
-                         precision=config.precision, **extra)
+                         proj_spec=rules(f"{prefix}.attn.proj"), num_tokens=tokens, rngs=rngs)
     self.norm2 = nnx.LayerNorm(dim, **norm)
     self.mlp = Mlp(dim, int(dim * config.mlp_ratio), fc1_spec=rules(f"{prefix}.mlp.fc1"),
-                   fc2_spec=rules(f"{prefix}.mlp.fc2"), num_tokens=tokens, rngs=rngs,
-                   precision=config.precision)
+                   fc2_spec=rules(f"{prefix}.mlp.fc2"), input_steps=per_token(tokens),
+                   rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = residual_fence(x)
@@ -70,12 +67,11 @@ class DeiT(nnx.Module):
     validate_config(config)
     self.config = config
     self.distilled = bool(config.distilled)
-    rules = QuantRules.from_config(config.quant)
+    rules = QuantRules.from_config(config.quant, config.precision)
     dim = config.embed_dim
     tokens = num_tokens(config)
     self.patch_embed = PatchEmbed(config.img_size, config.patch_size, config.in_chans, dim,
-                                  spec=rules("patch_embed.proj"), rngs=rngs,
-                                  precision=config.precision)
+                                  spec=rules("patch_embed.proj"), rngs=rngs)
     token_init = nnx.initializers.truncated_normal(stddev=0.02)
     self.cls_token = nnx.Param(token_init(rngs.params(), (1, 1, dim)))
     self.dist_token = (nnx.Param(token_init(rngs.params(), (1, 1, dim)))
@@ -84,7 +80,7 @@ class DeiT(nnx.Module):
     self.blocks = nnx.List([Block(config, i, rules, rngs) for i in range(config.depth)])
     self.norm = nnx.LayerNorm(dim, epsilon=config.layer_norm_eps, use_fast_variance=False,
                               rngs=rngs)
-    head = dict(rngs=rngs, input_keep_axes=(), input_step_shape=(1,), precision=config.precision)
+    head = dict(rngs=rngs, input_steps=PER_TENSOR)
     self.head = QDense(dim, config.num_classes, spec=rules("head"), **head)
     self.head_dist = (QDense(dim, config.num_classes, spec=rules("head_dist"), **head)
                       if self.distilled else None)

@@ -79,18 +79,18 @@ def activation_levels(x: jax.Array, quantizer: LsqQuantizer, shift: jax.Array) -
   return Levels(quantizer.levels(x), quantizer.unit(x.shape), shift, quantizer.level_range)
 
 
-def quantized_dense(x: jax.Array, kernel: jax.Array, precision: Precision, spec: QuantSpec,
+def quantized_dense(x: jax.Array, kernel: jax.Array, spec: QuantSpec,
                     x_levels: Levels | None = None, w_levels: WeightLevels | None = None,
                     product: str = "") -> jax.Array:
   """``x @ kernel``: on integer levels when ``integer.decide`` says so (integer mode, both
   operands quantized, sums exact for this depth); otherwise as float fake-quant
-  (``dense``). ``product`` names it in ``integer.recording``."""
+  (``dense`` at ``spec.precision``). ``product`` names it in ``integer.recording``."""
   how = integer.decide(spec, x.shape[-1], None if x_levels is None else x_levels.level_range,
                        None if w_levels is None else w_levels.level_range, x.dtype, product)
   if how is not None:
     return integer.integer_dense(x, kernel, x_levels.levels, x_levels.unit,
                                  x_levels.shift, w_levels.integers, w_levels.unit, how)
-  return dense(x, kernel, precision)
+  return dense(x, kernel, spec.precision)
 
 
 def move_bias(size: int | tuple[int, ...]) -> nnx.Param:
@@ -119,31 +119,49 @@ def lsq_weight_quantizer(rounds: tuple[Rounds, ...], kernel_shape: tuple[int, ..
                       keep_axes=keep_axes, batch_axis=None)
 
 
+class InputSteps(NamedTuple):
+  """Where an input quantizer's learned steps vary: one per index of ``keep_axes`` of
+  the input, ``shape`` their sizes (``per_token``, ``per_column``, ``PER_TENSOR``)."""
+  keep_axes: tuple[int, ...]
+  shape: tuple[int, ...]
+
+
+PER_TENSOR = InputSteps((), (1,))
+"""One step for the whole input (the classifier heads)."""
+
+
+def per_token(tokens: int) -> InputSteps:
+  """One step per token of a ``(B, N, C)`` input (DeiT's layers, Swin's windows)."""
+  return InputSteps((1,), (tokens,))
+
+
+def per_column(width: int) -> InputSteps:
+  """One step per feature-map column of Swin's ``(B, H, W, C)`` maps."""
+  return InputSteps((2,), (width,))
+
+
 class QDense(nnx.Module, RoundsTensors):
   """Dense layer ``y = Q_a(x + b_pre) + b_post) @ Q_w(W) + b`` (spec 3.2, 3.6, 3.7).
 
   Args:
     in_features, out_features: sizes.
-    spec: the layer's QuantSpec (float keeps a plain Dense).
+    spec: the layer's QuantSpec (float keeps a plain Dense); its ``precision`` and
+      matmul keys say how the product runs.
+    input_steps: granularity of the input quantizer's steps.
     input_signed: sign of the input quantizer (``fc2`` after GELU is unsigned).
-    input_keep_axes, input_step_shape: granularity of the input step: per token
-      ``(1,)``/``(N,)`` on ``(B, N, C)``; per tensor ``()``/``(1,)`` for heads; per
-      feature-map column ``(2,)``/``(W,)`` on Swin's ``(B, H, W, C)`` maps.
     use_bias: False for a bias-free layer (Swin's float patch-merging reduction).
   """
   product_name = ""  # its module path, set by ``explain.products`` to name its decision
 
   def __init__(self, in_features: int, out_features: int, *, spec: QuantSpec, rngs: nnx.Rngs,
-               input_signed: bool = True, input_keep_axes: tuple[int, ...] = (1,),
-               input_step_shape: tuple[int, ...] = (1,),
-               precision: Precision = "highest", use_bias: bool = True):
+               input_steps: InputSteps, input_signed: bool = True, use_bias: bool = True):
     self.spec = spec
-    self.precision = precision
     self.kernel = nnx.Param(default_kernel_init(rngs.params(), (in_features, out_features)))
     self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32)) if use_bias else None
     self.weight_quant = lsq_weight_quantizer(self.rounds(), (in_features, out_features))
     self.input_quant = (LsqQuantizer(spec.act_bits, signed=input_signed,
-                                     step_shape=input_step_shape, keep_axes=input_keep_axes,
+                                     step_shape=input_steps.shape,
+                                     keep_axes=input_steps.keep_axes,
                                      grad_batch=spec.grad_batch)
                         if spec.quantize_acts else None)
     if spec.quantize_acts:
@@ -177,7 +195,7 @@ class QDense(nnx.Module, RoundsTensors):
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.quantized_kernel()
     x, x_levels = self.quantize_input(x)
-    y = quantized_dense(x, kernel, self.precision, self.spec, x_levels, self.kernel_levels(),
+    y = quantized_dense(x, kernel, self.spec, x_levels, self.kernel_levels(),
                         self.product_name)
     return y if self.bias is None else y + self.bias[...]
 
@@ -191,12 +209,10 @@ class PatchEmbed(nnx.Module, RoundsTensors):
   """
 
   def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int, *,
-               spec: QuantSpec, rngs: nnx.Rngs,
-               precision: Precision = "highest"):
+               spec: QuantSpec, rngs: nnx.Rngs):
     self.spec = spec
     self.patch_size = patch_size
     self.img_size = img_size
-    self.precision = precision
     shape = (patch_size, patch_size, in_chans, embed_dim)
     self.kernel = nnx.Param(nnx.initializers.lecun_normal()(rngs.params(), shape))
     self.bias = nnx.Param(jnp.zeros((embed_dim,), jnp.float32))
@@ -234,7 +250,7 @@ class PatchEmbed(nnx.Module, RoundsTensors):
     patches = jnp.reshape(x, (batch, height // p, p, width // p, p, chans))
     patches = jnp.reshape(jnp.transpose(patches, (0, 1, 3, 2, 4, 5)),
                           (batch, (height // p) * (width // p), p * p * chans))
-    return dense(patches, jnp.reshape(kernel, (p * p * chans, -1)), self.precision) + \
+    return dense(patches, jnp.reshape(kernel, (p * p * chans, -1)), self.spec.precision) + \
         self.bias[...]
 
 
@@ -242,12 +258,9 @@ class Mlp(nnx.Module):
   """fc1 -> exact (erf) GELU -> fc2; fc2's input quantizer is unsigned (spec 3.3)."""
 
   def __init__(self, dim: int, hidden: int, *, fc1_spec: QuantSpec, fc2_spec: QuantSpec,
-               num_tokens: int, rngs: nnx.Rngs, precision: Precision = "highest",
-               input_keep_axes: tuple[int, ...] = (1,)):
-    """``num_tokens`` input steps along ``input_keep_axes`` (DeiT: per token; Swin: per
-    feature-map column, ``input_keep_axes=(2,)``)."""
-    common = dict(rngs=rngs, input_step_shape=(num_tokens,), precision=precision,
-                  input_keep_axes=input_keep_axes)
+               input_steps: InputSteps, rngs: nnx.Rngs):
+    """``input_steps``: both inputs' (DeiT: per token; Swin: per feature-map column)."""
+    common = dict(rngs=rngs, input_steps=input_steps)
     self.fc1 = QDense(dim, hidden, spec=fc1_spec, input_signed=True, **common)
     self.fc2 = QDense(hidden, dim, spec=fc2_spec, input_signed=False, **common)
 

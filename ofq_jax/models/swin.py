@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,11 +36,11 @@ from flax import nnx
 from ofq_jax.errors import UserError
 from ofq_jax.models.attention import QKRAttention, StandardAttention
 from ofq_jax.models.config import (check_images, check_patches_and_precision, check_qk_form,
-                                   family_config, qk_form)
+                                   family_config)
 from ofq_jax.models.quant_keys import check_quant
 from ofq_jax.models.dtypes import build
 from ofq_jax.models.fences import residual_fence
-from ofq_jax.models.layers import Mlp, PatchEmbed, QDense
+from ofq_jax.models.layers import PER_TENSOR, Mlp, PatchEmbed, QDense, per_column
 from ofq_jax.quant.rules import QuantRules, QuantSpec
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -171,9 +171,9 @@ class SwinAttention(StandardAttention):
   """Window attention with a fused ``qkv`` (float Swin, and the ``statsq`` variant)."""
 
   def __init__(self, dim: int, heads: int, window: int, shift: int, *, spec: QuantSpec,
-               proj_spec: QuantSpec, rngs: nnx.Rngs, precision: str):
+               proj_spec: QuantSpec, rngs: nnx.Rngs):
     super().__init__(dim, heads, spec=spec, proj_spec=proj_spec, num_tokens=window * window,
-                     rngs=rngs, precision=precision)
+                     rngs=rngs)
     self.relative_position_bias_table = _position_table(rngs, window, heads)
     self.window, self.shift = window, shift
 
@@ -185,10 +185,9 @@ class SwinQKRAttention(QKRAttention):
   """Window attention with query-key reparameterization (the ``qkr`` variant)."""
 
   def __init__(self, dim: int, heads: int, window: int, shift: int, *, spec: QuantSpec,
-               proj_spec: QuantSpec, rngs: nnx.Rngs, precision: str, qk_bias: str = "drop",
-               qk_form: str = "factors"):
+               proj_spec: QuantSpec, rngs: nnx.Rngs):
     super().__init__(dim, heads, spec=spec, proj_spec=proj_spec, num_tokens=window * window,
-                     rngs=rngs, qk_bias=qk_bias, qk_form=qk_form, precision=precision)
+                     rngs=rngs)
     self.relative_position_bias_table = _position_table(rngs, window, heads)
     self.window, self.shift = window, shift
 
@@ -211,30 +210,37 @@ def _per_window_batch(spec: QuantSpec, windows: int) -> QuantSpec:
   return dataclasses.replace(spec, grad_batch=spec.grad_batch * windows)
 
 
+class BlockPlace(NamedTuple):
+  """Where a block sits: its width, heads and feature map, its window shift and its
+  stochastic-depth rate."""
+  dim: int
+  heads: int
+  map_width: int
+  shift: int
+  drop_rate: float
+
+
 class SwinBlock(nnx.Module):
   """``x + attn(LN(x))`` then ``x + mlp(LN(x))``, each branch with stochastic depth."""
 
-  def __init__(self, config: ml_collections.ConfigDict, rules: QuantRules, prefix: str, *,
-               dim: int, heads: int, map_width: int, shift: int, drop_rate: float,
-               rngs: nnx.Rngs):
+  def __init__(self, config: ml_collections.ConfigDict, rules: QuantRules, prefix: str,
+               place: BlockPlace, *, rngs: nnx.Rngs):
+    dim = place.dim
     norm = dict(epsilon=config.layer_norm_eps, use_fast_variance=False, rngs=rngs)
     self.norm1 = nnx.LayerNorm(dim, **norm)
     # Attention quantizers see windows as the batch: B * nW rows per image batch.
-    windows = (-(-map_width // config.window_size)) ** 2
-    common = dict(spec=_per_window_batch(rules(f"{prefix}.attn"), windows),
-                  proj_spec=_per_window_batch(rules(f"{prefix}.attn.proj"), windows),
-                  rngs=rngs, precision=config.precision)
-    if config.quant.enabled and config.quant.attention == "qkr":
-      self.attn = SwinQKRAttention(dim, heads, config.window_size, shift,
-                                   qk_bias=config.quant.qk_bias,
-                                   qk_form=qk_form(config.quant), **common)
-    else:
-      self.attn = SwinAttention(dim, heads, config.window_size, shift, **common)
+    windows = (-(-place.map_width // config.window_size)) ** 2
+    attn_cls = SwinQKRAttention if (config.quant.enabled and config.quant.attention == "qkr") \
+        else SwinAttention
+    self.attn = attn_cls(dim, place.heads, config.window_size, place.shift,
+                         spec=_per_window_batch(rules(f"{prefix}.attn"), windows),
+                         proj_spec=_per_window_batch(rules(f"{prefix}.attn.proj"), windows),
+                         rngs=rngs)
     self.norm2 = nnx.LayerNorm(dim, **norm)
     self.mlp = Mlp(dim, int(dim * config.mlp_ratio), fc1_spec=rules(f"{prefix}.mlp.fc1"),
-                   fc2_spec=rules(f"{prefix}.mlp.fc2"), num_tokens=map_width,
-                   input_keep_axes=(2,), rngs=rngs, precision=config.precision)
-    self.drop_rate = drop_rate
+                   fc2_spec=rules(f"{prefix}.mlp.fc2"), input_steps=per_column(place.map_width),
+                   rngs=rngs)
+    self.drop_rate = place.drop_rate
 
   def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
     keys = jax.random.split(key) if key is not None else (None, None)
@@ -256,9 +262,8 @@ class PatchMerging(nnx.Module):
     self.norm = nnx.LayerNorm(4 * dim, epsilon=config.layer_norm_eps, use_fast_variance=False,
                               rngs=rngs)
     quantized = spec.quantize_weights or spec.quantize_acts
-    self.reduction = QDense(4 * dim, 2 * dim, spec=spec, rngs=rngs, input_keep_axes=(2,),
-                            input_step_shape=((map_width + 1) // 2,), use_bias=quantized,
-                            precision=config.precision)
+    self.reduction = QDense(4 * dim, 2 * dim, spec=spec, rngs=rngs,
+                            input_steps=per_column((map_width + 1) // 2), use_bias=quantized)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     height, width = x.shape[1], x.shape[2]
@@ -276,11 +281,10 @@ class SwinTransformer(nnx.Module):
   def __init__(self, config: ml_collections.ConfigDict, rngs: nnx.Rngs):
     validate_config(config)
     self.config = config
-    rules = QuantRules.from_config(config.quant)
+    rules = QuantRules.from_config(config.quant, config.precision)
     dim = config.embed_dim
     self.patch_embed = PatchEmbed(config.img_size, config.patch_size, config.in_chans, dim,
-                                  spec=rules("patch_embed.proj"), rngs=rngs,
-                                  precision=config.precision)
+                                  spec=rules("patch_embed.proj"), rngs=rngs)
     self.patch_norm = nnx.LayerNorm(dim, epsilon=config.layer_norm_eps,
                                     use_fast_variance=False, rngs=rngs)
     total = sum(config.depths)
@@ -289,10 +293,9 @@ class SwinTransformer(nnx.Module):
     for s, (depth, heads) in enumerate(zip(config.depths, config.num_heads)):
       blocks = []
       for i in range(depth):
-        blocks.append(SwinBlock(
-            config, rules, f"stages.{s}.{i}", dim=dim, heads=heads, map_width=width,
-            shift=0 if i % 2 == 0 else config.window_size // 2,
-            drop_rate=config.drop_path * index / max(total - 1, 1), rngs=rngs))
+        place = BlockPlace(dim, heads, width, 0 if i % 2 == 0 else config.window_size // 2,
+                           config.drop_path * index / max(total - 1, 1))
+        blocks.append(SwinBlock(config, rules, f"stages.{s}.{i}", place, rngs=rngs))
         index += 1
       stages.append(nnx.List(blocks))
       if s < len(config.depths) - 1:
@@ -304,7 +307,7 @@ class SwinTransformer(nnx.Module):
     self.norm = nnx.LayerNorm(dim, epsilon=config.layer_norm_eps, use_fast_variance=False,
                               rngs=rngs)
     self.head = QDense(dim, config.num_classes, spec=rules("head"), rngs=rngs,
-                       input_keep_axes=(), input_step_shape=(1,), precision=config.precision)
+                       input_steps=PER_TENSOR)
     rules.check_all_matched()
 
   def features(self, images: jax.Array, key: jax.Array | None = None) -> jax.Array:

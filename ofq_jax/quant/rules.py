@@ -44,6 +44,11 @@ class QuantSpec:
   matmul: str = "fake"
   matmul_operands: str = "auto"
   matmul_backward: str = "float32"
+  # The float (and fake-quant) matmuls' precision: the model's ``precision``.
+  precision: str = "highest"
+  # QKR's attention (``quant.qk_bias``, ``quant.qk_form``); every other layer ignores them.
+  qk_bias: str = "drop"
+  qk_form: str = "factors"
 
   def __post_init__(self):
     if self.weight_bits is not None:
@@ -116,15 +121,18 @@ def default_rules(weight_bits: int, act_bits: int, weight_method: str
 
 
 class QuantRules:
-  """Resolves a module path to its QuantSpec (first full match wins; else float).
+  """Resolves a module path to its QuantSpec (first full match wins; else ``fallback``,
+  float).
 
   The first ``num_user`` rules are the user's; ``check_all_matched`` reports those
   whose regex matched none of the paths asked for (a typo would otherwise be ignored).
   """
 
-  def __init__(self, rules: Iterable[tuple[re.Pattern[str], QuantSpec]], num_user: int = 0):
+  def __init__(self, rules: Iterable[tuple[re.Pattern[str], QuantSpec]], num_user: int = 0,
+               fallback: QuantSpec = FLOAT):
     self.rules = list(rules)
     self.num_user = num_user
+    self.fallback = fallback
     self.paths: list[str] = []
 
   def __call__(self, path: str) -> QuantSpec:
@@ -132,13 +140,15 @@ class QuantRules:
     for pattern, spec in self.rules:
       if pattern.fullmatch(path):
         return spec
-    return FLOAT
+    return self.fallback
 
   @classmethod
-  def from_config(cls, quant: Any) -> "QuantRules":
-    """Rules of a model config's ``quant`` block; all-float when not enabled."""
+  def from_config(cls, quant: Any, precision: str = "highest") -> "QuantRules":
+    """Rules of a model config's ``quant`` block (all-float when not enabled), every spec
+    carrying the settings of the whole model: its ``precision``, the matmul keys, QKR's
+    form. A layer reads them from its spec alone."""
     if not quant.enabled:
-      return cls([])
+      return cls([], fallback=QuantSpec(precision=precision))
     user: Sequence[Any] = tuple(quant.get("rules", ()) or ())
     rules = [parse_rule(r) for r in user] + default_rules(
         quant.weight_bits, quant.act_bits, quant.weight_method)
@@ -146,9 +156,12 @@ class QuantRules:
                   matmul=integer.resolve("matmul", quant.get("matmul", "fake")),
                   matmul_operands=quant.get("matmul_operands", "auto"),
                   matmul_backward=integer.resolve("matmul_backward",
-                                                  quant.get("matmul_backward", "float32")))
+                                                  quant.get("matmul_backward", "float32")),
+                  precision=precision, qk_bias=quant.get("qk_bias", "drop"),
+                  qk_form=quant.get("qk_form", "factors"))
     return cls([(pattern, dataclasses.replace(spec, **shared))
-                for pattern, spec in rules], num_user=len(user))
+                for pattern, spec in rules], num_user=len(user),
+               fallback=dataclasses.replace(FLOAT, **shared))
 
   def check_all_matched(self) -> None:
     """Raises one line per user rule that matched no layer path, with the paths."""

@@ -107,7 +107,7 @@ def test_past_the_bound_the_layer_keeps_fake_quant():
   spec = QuantSpec(8, 8, matmul="integer", matmul_operands="float32")
   x_levels = Levels(integer.integer_levels(jnp.asarray(quantized), jnp.asarray(unit_x)),
                     jnp.asarray(unit_x), jnp.asarray(shift), x_range)
-  out = quantized_dense(jnp.asarray(x), jnp.asarray(w), "highest", spec, x_levels,
+  out = quantized_dense(jnp.asarray(x), jnp.asarray(w), spec, x_levels,
                         WeightLevels(_w_levels(w, unit_w), jnp.asarray(unit_w), w_range))
   np.testing.assert_array_equal(out, jnp.matmul(x.reshape(-1, depth), w,
                                                 precision="highest").reshape(out.shape))
