@@ -18,7 +18,11 @@ DeiT-S W4A4's released script is broken (spec 7.14): its row assumes the W3A3 fl
 Swin-T (torchvision's swin_t, KD from the same float model, one head: soft CE to the
 teacher + hard CE; CGA on fc1 / fc2 / v / proj and the patch-merging reductions) uses
 torchvision's IMAGENET1K_V1 file swin_t-704ceda3.pth as init and teacher.
-Arguments: model=tiny|small|swin_t, bits=2|3|4, stage=qat|cga (default: tiny, 2, qat).
+Arguments: model=tiny|small|swin_t|base|swin_s|swin_b, bits=2|3|4, stage=qat|cga (default:
+tiny, 2, qat). base (DeiT-B, deit_base_distilled_patch16_224-df68dfff.pth), swin_s and swin_b
+(torchvision's swin_s-5e29d889.pth, swin_b-68c6b09e.pth) are not paper rows: they run
+DeiT-S's and Swin-T's recipes at the same bits, untuned, with no paper number
+(recipes.BEYOND_PAPER).
 
   python -m ofq_jax.main --config=configs/imagenet.py:model=tiny,bits=2 --workdir=$WORKDIR \
       --config.qat.teacher=$DEIT/deit_tiny_distilled_patch16_224-b40b3cf7.pth \
@@ -38,5 +42,5 @@ from ofq_jax.config_args import parse_arg
 
 
 def get_config(arg: str = ""):
-  return recipes.imagenet(**parse_arg(arg, where="configs/imagenet.py", model=("tiny", "small", "swin_t"),
+  return recipes.imagenet(**parse_arg(arg, where="configs/imagenet.py", model=tuple(recipes.MODELS),
                                       bits=(2, 3, 4), stage=("qat", "cga")))

@@ -13,6 +13,11 @@ class MissingInputError(UserError, FileNotFoundError):
   """A file or directory the config points at (or the run needs) does not exist."""
 
 
+class DivergedError(UserError, FloatingPointError):
+  """The loss left the floats; the message names the step, the checkpoint kept and the
+  settings to change (a traceback would point at the loop, not at the cause)."""
+
+
 def one_line(error: BaseException) -> str:
   """``error: <message>`` on one line (a message's own ``error:`` prefix dropped)."""
   text = " ".join(str(error).split())

@@ -52,9 +52,24 @@ IMAGENET: dict[tuple[str, int], Row] = {
     ("swin_t", 4): Row(81.88, 8, 64, 2e-4, 0.0, 0, 0.8, 1.0, 0.1, 0),
 }
 
+BEYOND_PAPER: dict[tuple[str, int], tuple[str, int]] = {
+    **{("base", bits): ("small", bits) for bits in (2, 3, 4)},
+    **{(model, bits): ("swin_t", bits) for model in ("swin_s", "swin_b") for bits in (2, 3, 4)},
+}
+"""Not paper rows: DeiT-B and torchvision's Swin-S / Swin-B, which users train next. Each
+runs the recipe of the paper row it names (DeiT-S's, Swin-T's), untuned for the larger
+model, and has no paper number."""
+
+MODELS = {"tiny": ("deit", "tiny"), "small": ("deit", "small"), "base": ("deit", "base"),
+          "swin_t": ("swin", "tiny"), "swin_s": ("swin", "small"), "swin_b": ("swin", "base")}
+"""``configs/imagenet.py``'s model names: (family, preset)."""
+
 TEACHER_FILES = {"tiny": "deit_tiny_distilled_patch16_224-b40b3cf7.pth",
                  "small": "deit_small_distilled_patch16_224-649709d9.pth",
-                 "swin_t": "swin_t-704ceda3.pth"}  # torchvision IMAGENET1K_V1
+                 "base": "deit_base_distilled_patch16_224-df68dfff.pth",
+                 # torchvision's IMAGENET1K_V1 files
+                 "swin_t": "swin_t-704ceda3.pth", "swin_s": "swin_s-5e29d889.pth",
+                 "swin_b": "swin_b-68c6b09e.pth"}
 
 # Kept for callers of the earlier names.
 PAPER_TOP1 = {key: row.top1 for key, row in IMAGENET.items()}
@@ -96,13 +111,15 @@ def base() -> ml_collections.ConfigDict:
 
 def imagenet(model: str, bits: int, stage: str = "qat") -> ml_collections.ConfigDict:
   """One row of the paper's table: QAT (300 + 10 epochs) or its CGA stage (30 epochs);
-  ``model``: DeiT ``tiny`` / ``small`` or ``swin_t``."""
-  if (model, bits) not in IMAGENET:
+  ``model``: DeiT ``tiny`` / ``small`` or ``swin_t`` (or one of ``BEYOND_PAPER``'s:
+  ``base``, ``swin_s``, ``swin_b``)."""
+  if (model, bits) not in IMAGENET and (model, bits) not in BEYOND_PAPER:
     raise UserError(f"No ImageNet recipe for model={model!r}, bits={bits!r}; rows: "
-                     f"{sorted(IMAGENET)}.")
+                     f"{sorted(IMAGENET)}, beyond the paper: {sorted(BEYOND_PAPER)}.")
   if stage not in ("qat", "cga"):
     raise UserError(f"stage={stage!r}; the recipes run 'qat' then 'cga'.")
-  row = IMAGENET[model, bits]
+  row = IMAGENET[BEYOND_PAPER.get((model, bits), (model, bits))]
+  family, preset = MODELS[model]
   config = base()
   config.seed = 42  # the reference seeds 42 + rank
   config.stages = (stage,)
@@ -113,14 +130,14 @@ def imagenet(model: str, bits: int, stage: str = "qat") -> ml_collections.Config
                attn_proj_init="random",
                # Reference 7.3: QKR drops b_q, b_k; 'fold' keeps the attention exact.
                qk_bias="drop")
-  if model == "swin_t":
+  if family == "swin":
     # Reference quirk (SWIN.md 5): position tables re-drawn; 'pretrained' copies them.
     # Drop path 0 (the recipe's; torchvision trains swin_t with 0.2).
-    config.model = swin.model_config("tiny", num_classes=1000, drop_path=0.0,
+    config.model = swin.model_config(preset, num_classes=1000, drop_path=0.0,
                                      quant=dict(quant, position_table_init="random"))
     config.cga.targets = SWIN_QKR_TARGETS
   else:
-    config.model = model_config(model, num_classes=1000, distilled=True, quant=quant)
+    config.model = model_config(preset, num_classes=1000, distilled=True, quant=quant)
   config.data = _dict(
       name="imagenet2012", data_dir=ml_collections.config_dict.placeholder(str),
       manual_dir=ml_collections.config_dict.placeholder(str),

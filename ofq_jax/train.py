@@ -34,7 +34,7 @@ from ofq_jax import (config_keys, host_memory, losses, preemption, run_record, s
                      upgrades)
 from ofq_jax import step as step_lib
 from ofq_jax.checkpointing import Checkpointer, save_model_dir
-from ofq_jax.errors import UserError
+from ofq_jax.errors import DivergedError, UserError
 from ofq_jax.metrics import MetricsWriter, Progress
 from ofq_jax.models import create_model, float_config, quantized_config
 from ofq_jax.models.config import resolve_platform_defaults
@@ -90,7 +90,7 @@ class _StageLog:
     non-finite, so it is caught before the next save."""
     loss = float(metrics["train/loss"])
     if not math.isfinite(loss):
-      raise FloatingPointError(
+      raise DivergedError(
           f"[{self.plan.name}] loss is {loss} at step {step}; stopping. The last good "
           f"checkpoint is kept in {ckpt.directory} (steps {ckpt.steps()}). Lower the "
           "learning rate or enable optim.grad_clip_norm, then rerun to resume.")

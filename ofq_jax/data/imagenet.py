@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from ofq_jax.data import Batch
 from ofq_jax.data import optional
 from ofq_jax.data import randaugment as randaugment_lib
+from ofq_jax.errors import MissingInputError
 
 EXPECTED_FILES = ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")
 
@@ -134,7 +135,7 @@ class ImageNetSource:
       missing = [f for f in EXPECTED_FILES
                  if not manual_dir or not os.path.exists(os.path.join(manual_dir, f))]
       if missing:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"imagenet2012 is not prepared in data.data_dir={config.data_dir!r} and "
             f"data.manual_dir={manual_dir!r} lacks {', '.join(missing)}: download "
             f"{' and '.join(EXPECTED_FILES)} from image-net.org into one folder and pass it "

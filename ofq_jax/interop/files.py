@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from ofq_jax.errors import MissingInputError
+
 StateDict = dict[str, np.ndarray]
 TORCH_SUFFIXES = (".pth", ".pth.tar", ".pt", ".bin", ".tar")
 WRAPPER_KEYS = ("state_dict", "model", "state_dict_ema", "model_ema")
@@ -43,7 +45,7 @@ def read_state_dict(state_or_path: Mapping[str, Any] | str | os.PathLike[str]) -
   if isinstance(state_or_path, (str, os.PathLike)):
     path = os.fspath(state_or_path)
     if not os.path.exists(path):
-      raise FileNotFoundError(f"Checkpoint {path!r} does not exist.")
+      raise MissingInputError(f"Checkpoint {path!r} does not exist.")
     if path.endswith(".npz"):
       with np.load(path) as data:
         raw: Any = {k: data[k] for k in data.files}

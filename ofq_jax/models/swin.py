@@ -1,7 +1,8 @@
 """Swin Transformer (torchvision's ``swin_t`` family) as Flax NNX modules: the float model.
 
 ``model_config('tiny')`` is torchvision's ``swin_t``: patch 4, embed 96, depths 2-2-6-2,
-heads 3-6-12-24, window 7, LayerNorm eps 1e-5. ``create_model(config, rngs)`` builds it,
+heads 3-6-12-24, window 7, LayerNorm eps 1e-5 (``'small'``: ``swin_s``, depths 2-2-18-2;
+``'base'``: ``swin_b``, embed 128, heads 4-8-16-32). ``create_model(config, rngs)`` builds it,
 float or quantized (``config.quant``: variants ``attention='qkr'`` (released) and
 ``'standard'`` (the reference's ``statsq``), StatsQ weights only);
 ``model(images_nhwc, train=...)`` returns the logits of its one head. The layers are
@@ -45,7 +46,10 @@ from ofq_jax.quant.rules import QuantRules, QuantSpec
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7),
+    "small": dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), window_size=7),
+    "base": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), window_size=7),
 }
+"""torchvision's ``swin_t``, ``swin_s`` and ``swin_b`` (v1, 224 px)."""
 MASKED = -100.0
 """What torchvision adds to the logits of token pairs from different regions of a rolled map."""
 
@@ -63,7 +67,8 @@ at Swin-T's values."""
 
 
 def model_config(size: str | None = None, **overrides: Any) -> ml_collections.ConfigDict:
-  """Swin config: a preset (``tiny`` = ``swin_t``, or None) plus overrides."""
+  """Swin config: a preset (``tiny``, ``small``, ``base`` = torchvision's ``swin_t``,
+  ``swin_s``, ``swin_b``; or None) plus overrides."""
   config = family_config("swin", FIELDS, PRESETS, size, overrides)
   config.depths = tuple(config.depths)
   config.num_heads = tuple(config.num_heads)

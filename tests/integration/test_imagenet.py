@@ -11,6 +11,7 @@ import pytest
 from ofq_jax import train
 from ofq_jax.data import build
 from ofq_jax.data.fake_imagenet import write_fake_imagenet
+from ofq_jax.errors import MissingInputError
 from ofq_jax.data.imagenet import (eval_resize_and_crop, mixup_cutmix, random_crop_window,
                                    random_erasing)
 from support.runs import digits_config, imagenet_config, set_fields
@@ -113,7 +114,7 @@ def test_eval_counts_every_image_once(imagenet_dirs, hosts):
 
 
 def test_missing_files_are_named(tmp_path):
-  with pytest.raises(FileNotFoundError, match="ILSVRC2012_img_train.tar and "
+  with pytest.raises(MissingInputError, match="ILSVRC2012_img_train.tar and "
                      "ILSVRC2012_img_val.tar"):
     build(data_config(str(tmp_path / "nothing"), str(tmp_path / "tfds")))
 

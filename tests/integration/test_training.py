@@ -12,6 +12,7 @@ import pytest
 
 from ofq_jax import train
 from ofq_jax.checkpointing import load_model_dir
+from ofq_jax.errors import DivergedError
 from ofq_jax.models import create_model, float_config
 from support import REPO
 from support.runs import digits_config, read_metrics
@@ -130,7 +131,7 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path):
   config = digits_config(stages=("float",), num_train_steps=5)
   config.float.lr = 1e30
   config.float.warmup_epochs = 0
-  with pytest.raises(FloatingPointError, match="loss is (nan|inf).*last good checkpoint"):
+  with pytest.raises(DivergedError, match="loss is (nan|inf).*last good checkpoint"):
     train.train_and_evaluate(config, str(tmp_path))
   assert list((tmp_path / "checkpoints" / "float").iterdir())
 

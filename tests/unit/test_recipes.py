@@ -6,10 +6,13 @@ table in ``configs/imagenet.py``'s docstring is parsed and compared with both.
 
 import re
 
+import numpy as np
 import pytest
 
 from ofq_jax import cga, optim, recipes
 from ofq_jax.config_args import parse_arg
+from ofq_jax.models import swin
+from ofq_jax.models.config import PRESETS
 from support.runs import imagenet_config, load_config_file
 
 IMAGENET_TRAIN = 1_281_167
@@ -119,7 +122,8 @@ def test_recipe_schedule_resolves(model, bits):
                     "(known: model, bits, stage)"),
     ("bits=five", "configs/imagenet.py: bits='five' is not an int (known: model, bits, stage)"),
     ("bits=5", "configs/imagenet.py: bits='5' is not one of 2, 3, 4"),
-    ("model=base", "configs/imagenet.py: model='base' is not one of tiny, small, swin_t"),
+    ("model=huge", "configs/imagenet.py: model='huge' is not one of tiny, small, base, "
+                   "swin_t, swin_s, swin_b"),
     ("size=tiny", "configs/imagenet.py: unknown argument 'size' (known: model, bits, stage)"),
     ("tiny", "configs/imagenet.py: argument 'tiny' is not key=value"),
 ])
@@ -140,3 +144,20 @@ def test_parse_arg_defaults_and_types():
   assert parse_arg("", where="x", a=("p", "q"), n=3, f=0.5) == dict(a="p", n=3, f=0.5)
   assert parse_arg(" n=4 , f=1e-3", where="x", a=("p", "q"), n=3, f=0.5) == dict(
       a="p", n=4, f=1e-3)
+
+
+@pytest.mark.parametrize("model,bits", sorted(recipes.BEYOND_PAPER))
+def test_beyond_paper_rows_run_the_row_they_borrow(model, bits):
+  """DeiT-B / Swin-S / Swin-B: the borrowed paper row's config but for the architecture
+  (the family's preset) and the teacher file; no paper number of their own."""
+  mine = recipes.imagenet(model, bits).to_dict()
+  theirs = recipes.imagenet(*recipes.BEYOND_PAPER[model, bits]).to_dict()
+  family, preset = recipes.MODELS[model]
+  presets = swin.PRESETS if family == "swin" else PRESETS
+  for key, value in presets[preset].items():
+    assert tuple(np.atleast_1d(mine["model"][key])) == tuple(np.atleast_1d(value)), key
+  assert mine["qat"].pop("teacher") == recipes.TEACHER_FILES[model]
+  theirs["qat"].pop("teacher")
+  mine_model, theirs_model = mine.pop("model"), theirs.pop("model")
+  assert mine == theirs and mine_model["quant"] == theirs_model["quant"]
+  assert (model, bits) not in recipes.IMAGENET
