@@ -5,6 +5,7 @@
   python bench/tpu_recipes.py --models tiny --bits 2 3 --json
   python bench/tpu_recipes.py --out rows.jsonl ...   # each recipe's rows as it finishes; a rerun skips them
   python bench/tpu_recipes.py --table rows.jsonl     # the table of rows already planned, no compiling
+  python bench/tpu_recipes.py --models base swin_s swin_b --bits 2 --stages qat   # beyond the paper
 
 Each row is one recipe (``configs/imagenet.py:model=...,bits=...``: QAT 310 epochs, then
 CGA 30) on one topology at the recipe's per-GPU batch per chip: whether each stage fits
