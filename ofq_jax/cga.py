@@ -9,8 +9,8 @@ recomputed every step (progressive freezing); the state carries the frozen
 fractions of that computation, so the train step reports them without
 computing the masks a second time.
 
-Targets are parameters: the reference's are fc1, fc2, proj and v (``DEFAULT_TARGETS``,
-``SWIN_QKR_TARGETS``). QKR's ``W_qk = W_q^T W_k`` is never annealed there (spec 4.4,
+Targets are parameters: the reference's are fc1, fc2, proj and v (each family's
+``Family.cga_targets``). QKR's ``W_qk = W_q^T W_k`` is never annealed there (spec 4.4,
 OFQ issue #6): it is derived from ``W_q``, ``W_k``, so no entry of it can be held while
 others train (each factor entry feeds a whole row or column of its head's product).
 ``cga.include_qk=True`` (off by default: the reference) runs the CGA stage with QKR in
@@ -32,14 +32,6 @@ import optax
 from ofq_jax.paths import dotted, state_path
 from ofq_jax.quant.statsq import cga_frozen_mask
 
-DEFAULT_TARGETS = (r"blocks\.\d+\.(mlp\.fc1\.kernel|mlp\.fc2\.kernel|attn\.proj\.kernel|"
-                   r"attn\.v_kernel|attn\.qkv\.kernel)")
-"""The reference's targets: fc1, fc2, proj and v (QKR) or qkv (standard) of every block."""
-SWIN_QKR_TARGETS = (r"stages\.\d+\.\d+\.(mlp\.fc1\.kernel|mlp\.fc2\.kernel|"
-                    r"attn\.proj\.kernel|attn\.v_kernel)|merges\.\d+\.reduction\.kernel")
-"""The reference's targets for a QKR Swin: fc1, fc2, proj, v and every patch-merging
-reduction (its module-name test, SWIN.md 8.2). For the ``statsq`` Swin that test selects
-nothing (it wants ``blocks`` in the name), so the reference's CGA freezes no weight."""
 QK_TARGETS = r"(.+\.)?attn\.qk_product"
 """Every QKR product (DeiT and Swin), added to the targets by ``cga.include_qk``; it
 matches a parameter only in the product form (``rounded.cga_targets``)."""

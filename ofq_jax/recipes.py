@@ -13,12 +13,10 @@ from typing import NamedTuple
 
 import ml_collections
 
-from ofq_jax.cga import DEFAULT_TARGETS, SWIN_QKR_TARGETS
 from ofq_jax.config_args import parse_arg
 from ofq_jax.errors import UserError
 from ofq_jax.methods import METHODS, apply_method
-from ofq_jax.models import swin
-from ofq_jax.models.config import model_config
+from ofq_jax.models import FAMILIES, deit, swin
 from ofq_jax.models.tracker import tracking_config
 
 
@@ -98,7 +96,7 @@ def base() -> ml_collections.ConfigDict:
                      min_lr=1e-5, weight_decay=0.0, teacher="")
   # include_qk: also anneal QKR's W_q^T W_k, which the reference never freezes (spec 4.4):
   # the CGA stage then holds W_qk as one parameter, started at the QAT product.
-  config.cga = _dict(epochs=0, boundary_range=0.005, targets=DEFAULT_TARGETS, resume="",
+  config.cga = _dict(epochs=0, boundary_range=0.005, targets=deit.FAMILY.cga_targets, resume="",
                      include_qk=False)
   config.async_checkpointing = True
   # Multi-process runs: every this many steps the processes agree whether any of them
@@ -135,9 +133,9 @@ def imagenet(model: str, bits: int, stage: str = "qat") -> ml_collections.Config
     # Drop path 0 (the recipe's; torchvision trains swin_t with 0.2).
     config.model = swin.model_config(preset, num_classes=1000, drop_path=0.0,
                                      quant=dict(quant, position_table_init="random"))
-    config.cga.targets = SWIN_QKR_TARGETS
   else:
-    config.model = model_config(preset, num_classes=1000, distilled=True, quant=quant)
+    config.model = deit.model_config(preset, num_classes=1000, distilled=True, quant=quant)
+  config.cga.targets = FAMILIES[family].cga_targets
   config.data = _dict(
       name="imagenet2012", data_dir=ml_collections.config_dict.placeholder(str),
       manual_dir=ml_collections.config_dict.placeholder(str),
@@ -176,9 +174,9 @@ def digits(method: str = "ofq", bits: int = 2, seed: int = 0, arch: str = "deit"
     config.model = swin.model_config(
         None, embed_dim=48, depths=(2, 2), num_heads=(2, 4), window_size=4, patch_size=2,
         img_size=16, mlp_ratio=4.0, num_classes=10, quant=quant)
-    config.cga.targets = SWIN_QKR_TARGETS
+    config.cga.targets = swin.FAMILY.cga_targets
   else:
-    config.model = model_config(
+    config.model = deit.model_config(
         None, embed_dim=96, depth=4, num_heads=3, mlp_ratio=4.0, patch_size=4, img_size=16,
         num_classes=10, distilled=True, quant=quant)
   config.data = _dict(name="digits", image_size=16, augment="shift")

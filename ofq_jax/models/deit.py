@@ -20,7 +20,8 @@ from ofq_jax.models.attention import QKRAttention, StandardAttention
 from ofq_jax.models.dtypes import build
 from ofq_jax.models.fences import residual_fence
 from ofq_jax.models.layers import PER_TENSOR, Mlp, PatchEmbed, QDense, per_token
-from ofq_jax.models.config import check_images, validate_config
+from ofq_jax.models.config import PRESETS, check_images, model_config, validate_config
+from ofq_jax.models.family import Family
 from ofq_jax.quant.rules import QuantRules
 
 def num_tokens(config: ml_collections.ConfigDict) -> int:
@@ -67,7 +68,7 @@ class DeiT(nnx.Module):
     validate_config(config)
     self.config = config
     self.distilled = bool(config.distilled)
-    rules = QuantRules.from_config(config.quant, config.precision)
+    rules = QuantRules.from_config(config.quant, FAMILY, config.precision)
     dim = config.embed_dim
     tokens = num_tokens(config)
     self.patch_embed = PatchEmbed(config.img_size, config.patch_size, config.in_chans, dim,
@@ -119,3 +120,14 @@ def create_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs | int = 0, *,
   ``jax_enable_x64``, see ``ofq_jax.models.dtypes``).
   """
   return build(DeiT, config, rngs, dtype)
+
+
+FAMILY = Family(
+    "deit", create_model, model_config, PRESETS,
+    edge_layers=r"patch_embed\.proj|head|head_dist",
+    block_layers=r"blocks\.\d+\..*",
+    # The reference's: fc1, fc2, proj and v (QKR) or qkv (standard) of every block.
+    cga_targets=(r"blocks\.\d+\.(mlp\.fc1\.kernel|mlp\.fc2\.kernel|attn\.proj\.kernel|"
+                 r"attn\.v_kernel|attn\.qkv\.kernel)"))
+"""DeiT's module paths: ``patch_embed.proj``, ``blocks.{i}.attn``, ``blocks.{i}.attn.proj``,
+``blocks.{i}.mlp.fc1`` / ``fc2``, ``head``, ``head_dist``."""

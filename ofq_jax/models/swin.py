@@ -40,6 +40,7 @@ from ofq_jax.models.config import (check_images, check_patches_and_precision, ch
                                    family_config)
 from ofq_jax.models.quant_keys import check_quant
 from ofq_jax.models.dtypes import build
+from ofq_jax.models.family import Family
 from ofq_jax.models.fences import residual_fence
 from ofq_jax.models.layers import PER_TENSOR, Mlp, PatchEmbed, QDense, per_column
 from ofq_jax.quant.rules import QuantRules, QuantSpec
@@ -286,7 +287,7 @@ class SwinTransformer(nnx.Module):
   def __init__(self, config: ml_collections.ConfigDict, rngs: nnx.Rngs):
     validate_config(config)
     self.config = config
-    rules = QuantRules.from_config(config.quant, config.precision)
+    rules = QuantRules.from_config(config.quant, FAMILY, config.precision)
     dim = config.embed_dim
     self.patch_embed = PatchEmbed(config.img_size, config.patch_size, config.in_chans, dim,
                                   spec=rules("patch_embed.proj"), rngs=rngs)
@@ -339,3 +340,17 @@ def create_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs | int = 0, *,
                  dtype: Any = None) -> SwinTransformer:
   """Builds the (float or quantized) Swin described by ``config``; ``dtype`` as DeiT's."""
   return build(SwinTransformer, config, rngs, dtype)
+
+
+FAMILY = Family(
+    "swin", create_model, model_config, PRESETS,
+    edge_layers=r"patch_embed\.proj|head",
+    block_layers=r"(stages\.\d+\.\d+|merges\.\d+)\..*",
+    # The reference's for a QKR Swin: fc1, fc2, proj, v and every patch-merging reduction
+    # (its module-name test, SWIN.md 8.2). For the ``statsq`` Swin that test selects
+    # nothing (it wants ``blocks`` in the name), so the reference's CGA freezes no weight.
+    cga_targets=(r"stages\.\d+\.\d+\.(mlp\.fc1\.kernel|mlp\.fc2\.kernel|"
+                 r"attn\.proj\.kernel|attn\.v_kernel)|merges\.\d+\.reduction\.kernel"))
+"""Swin's module paths: ``patch_embed.proj``, ``stages.{s}.{i}.attn``,
+``stages.{s}.{i}.attn.proj``, ``stages.{s}.{i}.mlp.fc1`` / ``fc2``,
+``merges.{s}.reduction``, ``head``."""

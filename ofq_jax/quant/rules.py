@@ -1,19 +1,16 @@
 """Which layer is quantized how: ordered (regex, spec) rules on module paths.
 
-Module paths of the DeiT (``ofq_jax.models.deit``): ``patch_embed.proj``,
-``blocks.{i}.attn`` (everything inside attention except its output projection:
-the QKR product or the qkv layer, and the activation quantizers of x, q, k, v,
-``W_qk x`` and the softmax), ``blocks.{i}.attn.proj``, ``blocks.{i}.mlp.fc1``,
-``blocks.{i}.mlp.fc2``, ``head``, ``head_dist``. Of the Swin (``ofq_jax.models.swin``):
-``patch_embed.proj``, ``stages.{s}.{i}.attn``, ``stages.{s}.{i}.attn.proj``,
-``stages.{s}.{i}.mlp.fc1`` / ``fc2``, ``merges.{s}.reduction``, ``head``.
+Module paths are each family's (its module docstring and its ``FAMILY`` declaration:
+``ofq_jax.models.deit``, ``ofq_jax.models.swin``); an attention's path covers everything
+inside it except its output projection (the QKR product or the qkv layer, and the
+activation quantizers of x, q, k, v, ``W_qk x`` and the softmax).
 
 A rule is ``"REGEX=SPEC"`` (``SPEC`` is ``float``, ``w4a4``, ``w2a2:lsq``,
 ``w8a4:statsq``; the method applies to the weights) or a ``(regex, QuantSpec |
 dict)`` pair. The first rule whose regex *fully* matches the path wins. User
-rules come before the defaults, which reproduce the reference: patch embedding
-and heads W8A8 with LSQ weights, every block layer at the configured bits and
-weight method.
+rules come before the defaults, which reproduce the reference: the family's edge layers
+(patch embedding, heads) W8A8 with LSQ weights, its block layers at the configured bits
+and weight method.
 """
 
 from __future__ import annotations
@@ -108,15 +105,13 @@ def parse_rule(rule: Any) -> tuple[re.Pattern[str], QuantSpec]:
     raise UserError(f"Quantization rule {rule!r}: bad regex {pattern!r} ({e}).") from None
 
 
-def default_rules(weight_bits: int, act_bits: int, weight_method: str
-                  ) -> list[tuple[re.Pattern[str], QuantSpec]]:
-  """The reference's assignment (spec 3.1): W8A8 LSQ edges, b-bit blocks."""
-  eight_bit = QuantSpec(8, 8, "lsq")
+def default_rules(weight_bits: int, act_bits: int, weight_method: str, edge_layers: str,
+                  block_layers: str) -> list[tuple[re.Pattern[str], QuantSpec]]:
+  """The reference's assignment (spec 3.1): W8A8 LSQ edges, b-bit blocks; the family
+  names both (``Family.edge_layers``, ``Family.block_layers``)."""
   return [
-      (re.compile(r"patch_embed\.proj"), eight_bit),
-      (re.compile(r"head|head_dist"), eight_bit),
-      (re.compile(r"(blocks\.\d+|stages\.\d+\.\d+|merges\.\d+)\..*"),
-       QuantSpec(weight_bits, act_bits, weight_method)),
+      (re.compile(edge_layers), QuantSpec(8, 8, "lsq")),
+      (re.compile(block_layers), QuantSpec(weight_bits, act_bits, weight_method)),
   ]
 
 
@@ -143,15 +138,17 @@ class QuantRules:
     return self.fallback
 
   @classmethod
-  def from_config(cls, quant: Any, precision: str = "highest") -> "QuantRules":
-    """Rules of a model config's ``quant`` block (all-float when not enabled), every spec
-    carrying the settings of the whole model: its ``precision``, the matmul keys, QKR's
-    form. A layer reads them from its spec alone."""
+  def from_config(cls, quant: Any, family: Any, precision: str = "highest") -> "QuantRules":
+    """Rules of a model config's ``quant`` block (all-float when not enabled) for a model
+    of ``family`` (``models.family.Family``), every spec carrying the settings of the
+    whole model: its ``precision``, the matmul keys, QKR's form. A layer reads them from
+    its spec alone."""
     if not quant.enabled:
       return cls([], fallback=QuantSpec(precision=precision))
     user: Sequence[Any] = tuple(quant.get("rules", ()) or ())
     rules = [parse_rule(r) for r in user] + default_rules(
-        quant.weight_bits, quant.act_bits, quant.weight_method)
+        quant.weight_bits, quant.act_bits, quant.weight_method, family.edge_layers,
+        family.block_layers)
     shared = dict(grad_batch=quant.get("lsq_grad_batch"),
                   matmul=integer.resolve("matmul", quant.get("matmul", "fake")),
                   matmul_operands=quant.get("matmul_operands", "auto"),

@@ -23,6 +23,7 @@ from ofq_jax.evaluate import load_for_eval
 from ofq_jax.interop import export_ofq_torch, load_ofq_torch, quantize_from_float
 from ofq_jax.models import (calibrate, create_model, float_config, model_config,
                             quantized_config, swin)
+from ofq_jax.models import deit
 from ofq_jax.models.config import quantized_configs, with_qk_form
 from ofq_jax.models.rounded import CGATarget, cga_targets
 from ofq_jax.paths import dotted, state_path
@@ -107,7 +108,7 @@ def test_product_cga_mask_is_spec_4_2_per_head_row():
 def test_kernel_targets_keep_their_masks_bit_for_bit():
   """A kernel's ``CGATarget`` carries ``(0,)``: its mask is the plain-int one."""
   model = _deit("product")
-  targets = cga_targets(model, cga.QK_TARGETS + "|" + cga.DEFAULT_TARGETS)
+  targets = cga_targets(model, cga.QK_TARGETS + "|" + deit.FAMILY.cga_targets)
   assert targets[QK].reduce_axes == (2,)
   assert all(t.reduce_axes == (0,) and t == 2 for k, t in targets.items() if "qk" not in k)
   params = nnx.state(model, nnx.Param)
@@ -187,7 +188,7 @@ def test_default_cga_is_the_reference(qat):
   assert product_form.qat_layout(run.config, run.mesh, lambda _: None) is None
   _, plan, _, state = _cga_start(run, include_qk=False)
   assert plan.student.blocks[0].attn.qk_kernel is None
-  assert set(state["opt_state"].frozen) == {*cga_targets(plan.student, cga.DEFAULT_TARGETS),
+  assert set(state["opt_state"].frozen) == {*cga_targets(plan.student, deit.FAMILY.cga_targets),
                                             "total"}
   assert not any("qk" in name for name in state["opt_state"].frozen)
   for key in ("params", "buffers", "tracker"):

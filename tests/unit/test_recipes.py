@@ -9,9 +9,9 @@ import re
 import numpy as np
 import pytest
 
-from ofq_jax import cga, optim, recipes
+from ofq_jax import optim, recipes
 from ofq_jax.config_args import parse_arg
-from ofq_jax.models import swin
+from ofq_jax.models import deit, swin
 from ofq_jax.models.config import PRESETS
 from support.runs import imagenet_config, load_config_file
 
@@ -45,9 +45,9 @@ def test_recipe_matches_spec_table(model, bits):
     assert (config.model.arch, config.model.depths, config.model.drop_path) == (
         "swin", (2, 2, 6, 2), 0.0)
     assert config.model.quant.position_table_init == "random"
-    assert config.cga.targets == cga.SWIN_QKR_TARGETS
+    assert config.cga.targets == swin.FAMILY.cga_targets
   else:
-    assert config.model.distilled and config.cga.targets == cga.DEFAULT_TARGETS
+    assert config.model.distilled and config.cga.targets == deit.FAMILY.cga_targets
   quant = config.model.quant
   assert (quant.weight_bits, quant.act_bits, quant.weight_method, quant.attention) == (
       bits, bits, "statsq", "qkr")

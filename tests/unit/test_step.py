@@ -8,6 +8,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from ofq_jax import cga, losses, sharding, step
+from ofq_jax.models import deit
 from ofq_jax.models.rounded import cga_targets
 from ofq_jax.models.tracker import tracking_config
 from support.tiny import tiny_quantized_deit
@@ -39,7 +40,7 @@ def test_train_step_reports_the_cga_fractions_of_the_pre_step_weights():
   weights before the update, computed here on their own."""
   model = tiny_quantized_deit()
   params = nnx.state(model, nnx.Param)
-  bits = cga.target_bits(params, cga_targets(model, cga.DEFAULT_TARGETS))
+  bits = cga.target_bits(params, cga_targets(model, deit.FAMILY.cga_targets))
   tx = cga.cga(optax.adamw(1e-3), bits, 0.05)
   mesh = sharding.make_mesh()
   spec = step.create_train_state(model, tx, mesh)

@@ -15,6 +15,7 @@ from flax import nnx
 from ofq_jax import cga, losses, sharding, step, upgrades
 from ofq_jax.checkpointing import VERSION_KEY, Checkpointer
 from ofq_jax.errors import UserError
+from ofq_jax.models import deit
 from ofq_jax.models.rounded import cga_targets
 from ofq_jax.models.tracker import tracking_config
 from support.tiny import tiny_quantized_deit
@@ -25,7 +26,7 @@ def _stage(kind: str, tracked: bool):
   model = tiny_quantized_deit()
   tx = optax.adamw(1e-3)
   if kind == "cga":
-    bits = cga.target_bits(nnx.state(model, nnx.Param), cga_targets(model, cga.DEFAULT_TARGETS))
+    bits = cga.target_bits(nnx.state(model, nnx.Param), cga_targets(model, deit.FAMILY.cga_targets))
     tx = cga.cga(tx, bits, 0.05)
   spec = step.create_train_state(model, tx, sharding.make_mesh(4, 2),
                                  tracking=tracking_config() if tracked else None, min_size=512)

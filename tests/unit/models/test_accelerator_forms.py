@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from ofq_jax import target
-from ofq_jax.models import calibrate, create_model, model_config
+from ofq_jax.models import calibrate, create_model, deit, model_config
 from ofq_jax.models.config import resolve_platform_defaults
 from ofq_jax.quant import integer
 from ofq_jax.quant.rules import QuantRules
@@ -68,9 +68,9 @@ def test_the_bf16_backward_keeps_bf16_residuals_and_close_gradients():
 def test_auto_matmuls_resolve_per_platform():
   quant = model_config("tiny", quant=dict(enabled=True)).quant
   assert (quant.matmul, quant.matmul_backward) == ("auto", "auto")
-  assert QuantRules.from_config(quant)("blocks.0.attn").matmul == "fake"
+  assert QuantRules.from_config(quant, deit.FAMILY)("blocks.0.attn").matmul == "fake"
   with target.compiling_for("tpu"):
-    spec = QuantRules.from_config(quant)("blocks.0.attn")
+    spec = QuantRules.from_config(quant, deit.FAMILY)("blocks.0.attn")
     assert (spec.matmul, spec.matmul_backward) == ("integer", "bf16")
     assert integer.plan(384, (-2, 1), (-3, 3)).operand == "int8"
     resolved = resolve_platform_defaults(digits_config())

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ofq_jax.cga import DEFAULT_TARGETS
+from ofq_jax.models import deit
 from ofq_jax.interop.checkpoints import reference_buffers
 from ofq_jax.models import create_model, model_config
 from ofq_jax.models.rounded import cga_targets, rounded_tensors
@@ -79,13 +79,13 @@ def test_forward_rounds_through_the_declaration(attention, method):
 
 
 def test_cga_targets_are_statsq_parameters():
-  qkr = cga_targets(tiny("qkr"), DEFAULT_TARGETS)
+  qkr = cga_targets(tiny("qkr"), deit.FAMILY.cga_targets)
   assert sorted(qkr) == sorted(n for i in range(2) for n in block_names(i, "qkr")
                                if not n.endswith("qk_product"))
   assert set(qkr.values()) == {2}
-  standard = cga_targets(tiny("standard"), DEFAULT_TARGETS)
+  standard = cga_targets(tiny("standard"), deit.FAMILY.cga_targets)
   assert "blocks.1.attn.qkv.kernel" in standard and len(standard) == 8
-  assert cga_targets(tiny("standard", "lsq"), DEFAULT_TARGETS) == {}  # nothing StatsQ
+  assert cga_targets(tiny("standard", "lsq"), deit.FAMILY.cga_targets) == {}  # nothing StatsQ
   assert cga_targets(tiny("qkr"), r"nothing\.matches") == {}
 
 

@@ -16,10 +16,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ofq_jax import cga
 from ofq_jax.interop import export_ofq_torch, load_ofq_torch, load_torchvision_swin
 from ofq_jax.interop.names import state_to_torch
-from ofq_jax.models import calibrate, quantizers
+from ofq_jax.models import calibrate, deit, quantizers, swin
 from ofq_jax.models.rounded import cga_targets
 from ofq_jax.quant import cga_frozen_mask, integer
 from support.fixtures import x64_for_this_module  # noqa: F401  (autouse)
@@ -120,10 +119,10 @@ def test_float64_gradients(fixture):
 
 
 def test_cga_targets_and_masks(fixture):
-  """The reference's module-name test, as ``cga.SWIN_QKR_TARGETS`` (QKR) and nothing for
+  """The reference's module-name test, as ``swin.FAMILY.cga_targets`` (QKR) and nothing for
   the ``statsq`` Swin; masks of the q/ weights equal the reference's float64 masks."""
   model = _quantized(fixture)
-  pattern = cga.SWIN_QKR_TARGETS if fixture.meta["variant"] == "qkr" else cga.DEFAULT_TARGETS
+  pattern = swin.FAMILY.cga_targets if fixture.meta["variant"] == "qkr" else deit.FAMILY.cga_targets
   targets = cga_targets(model, pattern)
   from ofq_jax.interop.names import swin_name  # pylint: disable=import-outside-toplevel
   names = sorted(swin_name(p, "swin_ofq").replace(".v_kernel", ".v").replace(".kernel", "")
