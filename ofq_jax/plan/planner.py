@@ -204,20 +204,31 @@ def _quantized(model) -> bool:
              for _, m in nnx.iter_modules(model))
 
 
-_REFUSAL = re.compile(r"required for HLO temporaries \(([\d.]+)G\)")
+_REFUSALS = (re.compile(r"required for HLO temporaries \(([\d.]+)G\)"),
+             re.compile(r"Ran out of memory in memory space hbm\. Used ([\d.]+)G of"))
+"""libtpu's two refusals: before buffer assignment (the temporaries alone exceed HBM) and
+after code generation (everything together does: ``E1000: CompileTimeHbmOom``)."""
 
 
 def _compile(traced) -> tuple[Any, tuple[str, int] | None]:
-  """``(compiled, None)``, or ``(None, (libtpu's message, temporaries it asked for))``
-  when the program does not fit a device at all (libtpu refuses to compile it)."""
+  """``(compiled, None)``, or ``(None, (libtpu's message, the bytes it asked for))`` when
+  the program does not fit a device (libtpu refuses to compile it)."""
   try:
     return traced.lower().compile(), None
   except jax.errors.JaxRuntimeError as error:
-    text = " ".join(str(error).split())
-    needed = _REFUSAL.search(text)
-    if not text.startswith("RESOURCE_EXHAUSTED") or not needed:
-      raise
-    return None, (text.split(". ")[0], int(float(needed.group(1)) * 2 ** 30))
+    return None, refusal(error)
+
+
+def refusal(error: Exception) -> tuple[str, int]:
+  """libtpu's out-of-HBM refusal as ``(its first sentence, bytes needed)``; any other
+  error is raised again."""
+  text = " ".join(str(error).split())
+  needed = [m for m in (p.search(text) for p in _REFUSALS) if m]
+  if not text.startswith("RESOURCE_EXHAUSTED") or not needed:
+    raise error
+  first = text.split(". ")[0] if needed[0].re is _REFUSALS[0] else \
+      text[needed[0].start():].split(". Total")[0]
+  return first, int(float(needed[0].group(1)) * 2 ** 30)
 
 
 def _batch_shardings(source: data_lib.DataShape, mesh: Mesh) -> dict[str, Any]:

@@ -76,6 +76,24 @@ def test_usable_hbm_is_what_libtpu_allows(name):
   assert chips.CHIPS[name].usable_hbm == int(available * 2 ** 30)
 
 
+@pytest.mark.parametrize("message,says,needed", [
+    ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+     "temporaries (17.39G) exceeds available HBM (15.75G). More text.",
+     "RESOURCE_EXHAUSTED: Ran out of memory on HBM", 17.39),
+    ("RESOURCE_EXHAUSTED: E1000: CompileTimeHbmOom: XLA:TPU compile permanent error. Ran out "
+     "of memory in memory space hbm. Used 15.77G of 15.75G hbm. Exceeded hbm capacity by "
+     "18.70M.\n\nTotal hbm usage >= 16.0G: ...",
+     "Ran out of memory in memory space hbm. Used 15.77G of 15.75G hbm", 15.77)])
+def test_both_refusals_of_libtpu_are_read(message, says, needed):
+  """libtpu refuses before buffer assignment (temporaries alone) or after code generation
+  (``CompileTimeHbmOom``, a DeiT-B step at 106 per v5e chip); both are a plan that does
+  not fit, with what it asked for. Anything else is raised again."""
+  first, asked = planner.refusal(jax.errors.JaxRuntimeError(message))
+  assert first.startswith(says) and asked == int(needed * 2 ** 30)
+  with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+    planner.refusal(jax.errors.JaxRuntimeError("INTERNAL: something else"))
+
+
 def test_census_counts_each_dot_by_kind_owner_and_repeat():
   """FLOPs from the shapes (``2 M N K`` per dot, derived by hand): a float32 'highest'
   teacher dot, an int8 one, and a default-precision dot in a 3-step scan, each with the
