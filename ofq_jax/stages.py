@@ -219,11 +219,12 @@ def build_cga_plan(config, run: Run) -> StagePlan:
 
   return StagePlan("cga", student, teacher, tx, schedule, _loss(config, distill=True),
                    run.total_steps(hyper.epochs), seed, config.get("tracking"),
-                   fresh_state=lambda spec: _state_from_qat(config, run, spec, bits),
+                   fresh_state=lambda spec: _state_from_qat(config, run, spec, tx),
                    end_metrics=end_metrics)
 
 
-def _state_from_qat(config, run: Run, spec: step.StateSpec, bits: Any) -> step.State:
+def _state_from_qat(config, run: Run, spec: step.StateSpec,
+                    tx: optax.GradientTransformation) -> step.State:
   """CGA starts from the QAT stage's last state, its AdamW moments included (spec 4.1),
   and its oscillation history when both stages track (else tracking starts afresh).
   With ``cga.include_qk`` the QAT factors become the product (``product_form``)."""
@@ -248,19 +249,13 @@ def _state_from_qat(config, run: Run, spec: step.StateSpec, bits: Any) -> step.S
   _log(f"[cga] starting from QAT checkpoint {qat_step} in {directory}")
   if qat_spec is not None:
     state = product_form.from_qat_state(state, qat_spec, spec, target, _log)
-  state["opt_state"] = cga.CGAState(state["opt_state"], _frozen(spec, bits, config)(state))
+  state["opt_state"] = cga.CGAState(state["opt_state"],
+                                    step.cga_fractions_fn(spec, tx)(state["params"]))
   state["step"] = sharding.place(np.int32(0), spec.shardings["step"])
   if spec.tracker is not None and "tracker" not in state:
     _log("[cga] the QAT checkpoint has no oscillation history; tracking starts now")
     state["tracker"] = step.tracker_start_fn(spec)(state["params"], state["buffers"])
   return state
-
-
-def _frozen(spec: step.StateSpec, bits: Any, config) -> Callable[[step.State], Any]:
-  """Jitted ``state -> CGAState.frozen`` of the state's weights, sharded like the spec's."""
-  fractions = jax.jit(lambda p: cga.frozen_fractions(p, bits, config.cga.boundary_range),
-                      out_shardings=spec.shardings["opt_state"].frozen)
-  return lambda state: fractions(state["params"])
 
 
 # ----------------------------------------------------------------------------- input checks

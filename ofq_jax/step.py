@@ -110,6 +110,15 @@ def tracker_start_fn(spec: StateSpec) -> Callable[[Any, Any], Any]:
   return jax.jit(start, out_shardings=spec.shardings["tracker"])
 
 
+def cga_fractions_fn(spec: StateSpec, tx: optax.GradientTransformation
+                     ) -> Callable[[Any], dict[str, jax.Array]]:
+  """Jitted ``params -> CGAState.frozen``: the fractions the CGA transform ``tx`` reports
+  before its first update (its ``init``; the inner optimizer's state is traced away),
+  sharded like the spec's."""
+  return jax.jit(lambda params: tx.init(params).frozen,
+                 out_shardings=spec.shardings["opt_state"].frozen)
+
+
 def make_train_step(spec: StateSpec, loss: Callable[..., jax.Array],
                     tx: optax.GradientTransformation, schedule: optax.Schedule, *,
                     teacher: Teacher | None = None):

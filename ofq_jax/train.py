@@ -185,8 +185,7 @@ def run_stage(plan: stages.StagePlan, run: stages.Run, stop: preemption.StopSign
 def _resume(plan: stages.StagePlan, spec: step_lib.StateSpec, ckpt: Checkpointer
             ) -> tuple[int, step_lib.State | None, dict[str, Any]]:
   """``(step, state, meta)`` of the newest readable checkpoint, or ``(0, None, {})``."""
-  older = upgrades.older_layouts(spec, plan.tx)
-  resumed = (ckpt.restore(spec.abstract, older_layouts=older)
+  resumed = (ckpt.restore(spec.abstract, older_layouts=upgrades.older_layouts(spec, plan.tx))
              if ckpt.steps() else None)
   if resumed is None:
     return 0, None, {}

@@ -33,7 +33,7 @@ from flax import nnx
 
 from ofq_jax import cga, sharding
 from ofq_jax.models.tracker import OscillationTracker, OscillationVar
-from ofq_jax.step import State, StateSpec, tracker_start_fn
+from ofq_jax.step import State, StateSpec, cga_fractions_fn, tracker_start_fn
 
 LAYOUT_VERSION = 3
 """The layout ``step.create_train_state`` builds today; recorded in every checkpoint."""
@@ -105,16 +105,15 @@ def from_v1(spec: StateSpec, tx: optax.GradientTransformation | None, abstract: 
 
 def from_v2(spec: StateSpec, tx: optax.GradientTransformation | None, abstract: State
             ) -> tuple[State, Upgrade] | None:
-  """CGA's state without ``frozen``; the fractions come from ``tx.init`` of the restored
-  weights (what the CGA transform reports before its first update). None outside CGA."""
+  """CGA's state without ``frozen``; the fractions come from the restored weights
+  (``step.cga_fractions_fn``). None outside CGA."""
   opt_state = abstract.get("opt_state")
   if not isinstance(opt_state, cga.CGAState):
     return None
   if tx is None:
     raise ValueError("reading a CGA checkpoint of layout 2 needs the stage's optimizer (tx)")
   older = dict(abstract, opt_state=CGAStateV2(opt_state.inner))
-  frozen = jax.jit(lambda params: tx.init(params).frozen,
-                   out_shardings=spec.shardings["opt_state"].frozen)
+  frozen = cga_fractions_fn(spec, tx)
 
   def upgrade(state: State) -> State:
     return dict(state, opt_state=cga.CGAState(state["opt_state"].inner,

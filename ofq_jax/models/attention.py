@@ -99,12 +99,11 @@ def _softmax_probs(logits: jax.Array, quantizer: LsqQuantizer | None) -> Operand
   return quantize_operand(jax.nn.softmax(logits, axis=-1), quantizer)
 
 
-def _attend(spec: QuantSpec, probs: Operand, v: Operand, precision: Precision,
-            product: str) -> jax.Array:
+def _attend(spec: QuantSpec, probs: Operand, v: Operand, product: str) -> jax.Array:
   """``probs @ v`` per (batch, head): ``(B, H, N, N) @ (B, H, N, d)``."""
   out = integer_product(spec, probs, v, product)
   if out is None:
-    out = jnp.einsum("bhij,bhje->bhie", probs.value, v.value, precision=precision)
+    out = jnp.einsum("bhij,bhje->bhie", probs.value, v.value, precision=spec.precision)
   return out
 
 
@@ -161,7 +160,7 @@ class StandardAttention(nnx.Module):
     if logits is None:
       logits = jnp.einsum("bhie,bhje->bhij", q.value, k.value, precision=self.precision)
     probs = _softmax_probs(_scaled(logits, head_dim, logits_bias), self.softmax_quant)
-    out = _attend(self.spec, probs, v, self.precision, f"{self.product_name}.values")
+    out = _attend(self.spec, probs, v, f"{self.product_name}.values")
     return self.proj(jnp.reshape(jnp.transpose(out, (0, 2, 1, 3)), (batch, tokens, dim)))
 
 
@@ -408,5 +407,5 @@ class QKRAttention(nnx.Module, RoundsTensors):
       key_term = jnp.einsum("bjc,hc->bhj", xq, self.key_bias[...], precision=self.precision)
       logits = logits + key_term[:, :, None, :]
     probs = _softmax_probs(_scaled(logits, head_dim, logits_bias), self.softmax_quant)
-    out = _attend(self.spec, probs, v, self.precision, f"{self.product_name}.values")
+    out = _attend(self.spec, probs, v, f"{self.product_name}.values")
     return self.proj(jnp.reshape(jnp.transpose(out, (0, 2, 1, 3)), (batch, tokens, dim)))
