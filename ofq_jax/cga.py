@@ -15,7 +15,7 @@ OFQ issue #6): it is derived from ``W_q``, ``W_k``, so no entry of it can be hel
 others train (each factor entry feeds a whole row or column of its head's product).
 ``cga.include_qk=True`` (off by default: the reference) runs the CGA stage with QKR in
 its product form (``model.quant.qk_form='product'``: ``W_qk`` is the parameter
-``qk_kernel``, started at the QAT ``W_q^T W_k``) and adds every ``attn.qk_product``
+``qk_kernel``, started at the QAT ``W_q^T W_k``) and adds every ``qk_product``
 (``QK_TARGETS``) to the targets. Its mask uses the product's own StatsQ scale, one per
 (head, row) (``reduce_axes=(2,)``, carried by ``rounded.CGATarget``), with ``lo`` /
 ``hi`` over the whole tensor, as for every target (spec 4.2).
@@ -32,9 +32,10 @@ import optax
 from ofq_jax.paths import dotted, state_path
 from ofq_jax.quant.statsq import cga_frozen_mask
 
-QK_TARGETS = r"(.+\.)?attn\.qk_product"
-"""Every QKR product (DeiT and Swin), added to the targets by ``cga.include_qk``; it
-matches a parameter only in the product form (``rounded.cga_targets``)."""
+QK_TARGETS = r"(.+\.)?qk_product"
+"""Every QKR product (the rounding's name, wherever a family puts its attention), added to
+the targets by ``cga.include_qk``; it matches a parameter only in the product form
+(``rounded.cga_targets``)."""
 
 
 def stage_targets(cga_config: Any) -> str:

@@ -30,14 +30,12 @@ from ofq_jax import export, sharding, target
 from ofq_jax.checkpointing import load_fitting_model_dir
 from ofq_jax.errors import MissingInputError, UserError, one_line
 from ofq_jax.interop import load_ofq_torch, read_state_dict
-from ofq_jax.interop.families import float_format, load_float
+from ofq_jax.interop import float_format, load_float
+from ofq_jax.interop.names import REFERENCE_MARKERS
 from ofq_jax.models import create_model, float_config, quantized_config
 from ofq_jax.models.config import qk_form, quantized_configs
 from ofq_jax.step import evaluate
 
-# Keys only the OFQ reference's quantized DeiT has.
-_REFERENCE_MARKERS = (".input_quant_fn.s", ".lsqw_fn.s", ".statsq_fn.clip_val",
-                      ".qk_quant.clip_val")
 
 
 def load_for_eval(path: str, model_config) -> tuple[nnx.Module, str]:
@@ -55,7 +53,7 @@ def load_for_eval(path: str, model_config) -> tuple[nnx.Module, str]:
   if export.is_packed_file(path):
     return export.load_integer_model(path, model_config), "packed integer"
   state = read_state_dict(path)
-  if any(key.endswith(_REFERENCE_MARKERS) for key in state):
+  if any(key.endswith(REFERENCE_MARKERS) for key in state):
     return load_ofq_torch(state, quantized_config(model_config)), "OFQ reference"
   return load_float(state, model_config), float_format(model_config)
 

@@ -16,11 +16,7 @@ import optax
 from flax import nnx
 
 from ofq_jax.interop.names import torch_key
-from ofq_jax.paths import state_path
-
-NO_DECAY_NAMES = ("pos_embed", "cls_token", "dist_token")
-"""DeiT's ``no_weight_decay()`` set."""
-
+from ofq_jax.paths import dotted, state_path
 
 def lr_at_epoch(epoch, *, base_lr: float, epochs: int, warmup_epochs: int = 0,
                 warmup_lr: float = 1e-6, min_lr: float = 1e-5):
@@ -48,19 +44,20 @@ def epoch_schedule(steps_per_epoch: int, *, first_epoch: int = 0, **kwargs) -> o
   return schedule
 
 
-def weight_decay_mask(state: nnx.State) -> nnx.State:
+def weight_decay_mask(state: nnx.State, no_decay: tuple[str, ...] = ()) -> nnx.State:
   """True where timm 0.5.4's ``add_weight_decay`` would decay (spec 5.1).
 
   Not decayed: every parameter whose *reference* tensor is at most 1-D (biases,
   LayerNorms, LSQ steps, move biases — judged in the reference layout, so the
   per-(token, head) QKR step stored 2-D here is still excluded), names ending
-  in ``bias`` and DeiT's ``pos_embed``, ``cls_token``, ``dist_token``.
+  in ``bias`` and the dotted paths ``no_decay`` (the family's, ``Family.no_decay``:
+  DeiT's ``pos_embed``, ``cls_token``, ``dist_token``).
   """
   def decays(path, leaf) -> bool:
-    key, kind = torch_key(path)
+    _, kind = torch_key(path)
     ndim = 1 if kind == "flatten" else np.ndim(leaf)
     name = str(path[-1])
-    return ndim > 1 and not name.endswith("bias") and key not in NO_DECAY_NAMES
+    return ndim > 1 and not name.endswith("bias") and dotted(path) not in no_decay
   return jax.tree.map_with_path(lambda p, x: decays(state_path(p), x), state)
 
 

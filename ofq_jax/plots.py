@@ -25,10 +25,14 @@ import json
 import os
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import ml_collections
 import numpy as np
 from absl import app, flags
+
+if TYPE_CHECKING:  # the models (and jax) are imported only where a family is looked up
+  from ofq_jax.models.family import Family
 
 STAGE_ORDER = ("float", "qat", "cga")
 MAX_CHANNELS = 64
@@ -107,10 +111,11 @@ def _last(records, key: str, stage: str | None = None) -> float:
   return values[-1] if values else float("nan")
 
 
-def plot_oscillation(records, path: str) -> bool:
+def plot_oscillation(records, path: str, family: Family | None = None) -> bool:
   """Oscillating fraction per module type over QAT and CGA, one panel per flip
   definition, with the most oscillating tensors (at the end of QAT) named; False when
-  nothing was tracked."""
+  nothing was tracked. ``family``: the run's model family (``_family``)."""
+  kind = _family(family).kind
   definitions = [p for p in DEFINITION_TITLES if _groups(records, p) or _tensors(records, p)]
   if not definitions:
     return False
@@ -125,13 +130,13 @@ def plot_oscillation(records, path: str) -> bool:
               ls=":" if group == "qk_implied" else "-",
               label=group + (" (W_q, W_k implied)" if group == "qk_implied" else ""))
     stage = "qat" if any(r["stage"] == "qat" for r in records) else None
-    low_bit = [n for n in _tensors(records, prefix) if _group_of(n) not in EIGHT_BIT_GROUPS
-               and not re.search(r"\.[qk]_kernel$", n)]  # QKR's implied factors: not rounded
+    low_bit = [n for n in _tensors(records, prefix)  # QKR's implied factors: not rounded
+               if kind(n) not in EIGHT_BIT_GROUPS + ("qk_implied",)]
     ranked = sorted(low_bit, key=lambda n: -np.nan_to_num(
         _last(records, f"{prefix}/oscillating_fraction/{n}", stage)))
     for name in ranked[:TOP_TENSORS]:
       ax.plot(*_series(records, f"{prefix}/oscillating_fraction/{name}", offsets), lw=0.6,
-              ls="--", color=GROUP_COLORS.get(_group_of(name), "tab:blue"), label=name)
+              ls="--", color=GROUP_COLORS.get(kind(name), "tab:blue"), label=name)
     bits = _low_bits(records, prefix)
     total = f"{prefix}/oscillating_fraction" + (f"_w{bits}" if bits else "")
     ax.plot(*_series(records, total, offsets), lw=2.4, color="black", alpha=0.5,
@@ -154,18 +159,24 @@ def _low_bits(records, prefix: str) -> int | None:
   return min(found) if found else None
 
 
-def _group_of(name: str) -> str:
-  from ofq_jax.models.tracker import tensor_group  # pylint: disable=import-outside-toplevel
-  return tensor_group(name)
+def _family(family: Family | None) -> Family:
+  """The family whose declaration names the tensors (DeiT when not given: a config
+  without ``arch``)."""
+  if family is not None:
+    return family
+  from ofq_jax.models import family_of  # pylint: disable=import-outside-toplevel
+  return family_of(ml_collections.ConfigDict())
 
 
 TOP_CHANNELS = 8
 """The scale-trajectory plot follows this many most-oscillating channels."""
 
 
-def most_oscillating_channels(records, count: int = TOP_CHANNELS) -> list[tuple[str, int]]:
+def most_oscillating_channels(records, count: int = TOP_CHANNELS,
+                              family: Family | None = None) -> list[tuple[str, int]]:
   """``(tensor, channel)`` of the channels with the most oscillating weights in the last
   ``osc_channels`` record of QAT (the last one of any stage when there is no QAT)."""
+  kind = _family(family).kind
   with_counts = [r for r in records if any(k.startswith("osc_channels/") for k in r)]
   qat = [r for r in with_counts if r["stage"] == "qat"]
   if not (qat or with_counts):
@@ -173,18 +184,18 @@ def most_oscillating_channels(records, count: int = TOP_CHANNELS) -> list[tuple[
   last = (qat or with_counts)[-1]
   ranked = sorted(((v, k[len("osc_channels/"):], c) for k, vec in last.items()
                    if k.startswith("osc_channels/")
-                   and _group_of(k[len("osc_channels/"):]) not in EIGHT_BIT_GROUPS
+                   and kind(k[len("osc_channels/"):]) not in EIGHT_BIT_GROUPS
                    for c, v in enumerate(vec)),
                   key=lambda t: -t[0])
   return [(name, c) for v, name, c in ranked[:count] if v > 0]
 
 
-def plot_channel_scales(records, path: str) -> bool:
+def plot_channel_scales(records, path: str, family: Family | None = None) -> bool:
   """Scale trajectories of the most oscillating low-bit channels over QAT and CGA
   (stages end to end), each relative to its first recorded value so that channels of
   different magnitudes share one axis, as in the paper's Figure 1: does CGA hold them
   still?"""
-  chosen = most_oscillating_channels(records)
+  chosen = most_oscillating_channels(records, family=family)
   if not chosen:
     return False
   offsets = _offsets(records)
@@ -207,18 +218,19 @@ def plot_channel_scales(records, path: str) -> bool:
   return True
 
 
-def block_prefixes(records) -> list[str]:
-  """``scales/<block>.`` of every block with scale records, in model order (DeiT's
-  ``blocks.i``, Swin's ``stages.s.i``)."""
+def block_prefixes(records, family: Family | None = None) -> list[str]:
+  """``scales/<block>.`` of every block with scale records, in model order (the family's
+  ``Family.blocks``: DeiT's ``blocks.i``, Swin's ``stages.s.i``)."""
+  blocks = _family(family).blocks
   found = {m.group(0) for r in records for k in r
-           for m in [re.match(r"scales/(blocks\.\d+|stages\.\d+\.\d+)\.", k)] if m}
+           for m in [re.match(rf"scales/({blocks})\.", k)] if m}
   return sorted(found, key=lambda p: [int(n) for n in re.findall(r"\d+", p)])
 
 
-def plot_scales(records, path: str, block: int = 0) -> bool:
+def plot_scales(records, path: str, block: int = 0, family: Family | None = None) -> bool:
   """Per-channel scale trajectories of one block's tensors (CGA, else QAT); ``block``
   counts blocks in model order (over all Swin stages)."""
-  prefixes = block_prefixes(records)
+  prefixes = block_prefixes(records, family)
   if block >= len(prefixes):
     return False
   prefix = prefixes[block]
@@ -263,15 +275,24 @@ def plot_accuracy(records, path: str) -> bool:
   return True
 
 
+def _run_family(workdir: str) -> Family:
+  """The family of the run's model (``run.json``; DeiT when the workdir has none)."""
+  from ofq_jax import run_record  # pylint: disable=import-outside-toplevel
+  from ofq_jax.models import family_of  # pylint: disable=import-outside-toplevel
+  return family_of(run_record.recorded_model(workdir) or ml_collections.ConfigDict())
+
+
 def make_plots(workdir: str, block: int = 0) -> list[str]:
   """Draws every plot the run's metrics allow into ``workdir/plots``; returns the paths."""
   records = load_records(workdir)
+  family = _run_family(workdir)
   out = os.path.join(workdir, "plots")
   os.makedirs(out, exist_ok=True)
   written = []
-  for name, draw in (("oscillation.png", plot_oscillation),
-                     ("channel_scales.png", plot_channel_scales),
-                     (f"scales_block{block}.png", lambda r, p: plot_scales(r, p, block)),
+  for name, draw in (("oscillation.png", lambda r, p: plot_oscillation(r, p, family)),
+                     ("channel_scales.png", lambda r, p: plot_channel_scales(r, p, family)),
+                     (f"scales_block{block}.png",
+                      lambda r, p: plot_scales(r, p, block, family)),
                      ("accuracy.png", plot_accuracy)):
     path = os.path.join(out, name)
     if draw(records, path):

@@ -35,8 +35,8 @@ from ofq_jax.checkpointing import Checkpointer, load_model_dir
 from ofq_jax.data import DataShape, DataSource, steps_per_epoch
 from ofq_jax.errors import MissingInputError, UserError
 from ofq_jax.interop import quantize_from_float
-from ofq_jax.interop.families import load_float
-from ofq_jax.models import calibrate, create_model, float_config, quantized_config
+from ofq_jax.interop import load_float
+from ofq_jax.models import calibrate, create_model, family_of, float_config, quantized_config
 from ofq_jax.models.config import PRECISIONS, stored_model_differences
 from ofq_jax.models.rounded import cga_targets
 
@@ -139,7 +139,8 @@ def _adamw(config, hyper, schedule: optax.Schedule, student: nnx.Module, *,
   params = nnx.state(student, nnx.Param)
   own = product_form.own_count_mask(params) if own_count_for_product else None
   return optim.adamw(schedule, weight_decay=hyper.weight_decay,
-                     mask=optim.weight_decay_mask(params), b1=config.optim.b1,
+                     mask=optim.weight_decay_mask(
+                         params, family_of(student.config).no_decay), b1=config.optim.b1,
                      b2=config.optim.b2, eps=config.optim.eps,
                      grad_clip_norm=config.optim.grad_clip_norm, own_count=own)
 

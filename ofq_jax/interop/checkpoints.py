@@ -1,4 +1,5 @@
-"""Load and export timm / FB DeiT and OFQ-reference checkpoints."""
+"""Load and export float checkpoints (each family's library: timm / FB DeiT, torchvision
+Swin) and OFQ-reference ones, through the family's torch names (``Family.torch``)."""
 
 from __future__ import annotations
 
@@ -13,26 +14,18 @@ from flax import nnx
 
 from ofq_jax.errors import UserError
 from ofq_jax.interop.files import read_state_dict
-from ofq_jax.interop.names import entries, state_to_torch, statsq_clip_key
-from ofq_jax.interop.swin_buffers import INDEX_SUFFIX, pop_position_indices, position_indices
+from ofq_jax.interop.buffers import derived_buffers, pop_derived_buffers
+from ofq_jax.interop.names import Renames, entries, state_to_torch, statsq_clip_key
 from ofq_jax.paths import dotted
 from ofq_jax.models.attention import QKRAttention
 from ofq_jax.models.config import float_config, qk_form
-from ofq_jax.models import create_model as create_any_model
-from ofq_jax.models.deit import DeiT, create_model
+from ofq_jax.models import create_model, family_of
 from ofq_jax.models.dtypes import param_dtype, state_dtype
 from ofq_jax.models.rounded import rounded_tensors
 from ofq_jax.models.layers import PatchEmbed, QDense
 
 STATSQ_CLIP_VAL = 2.0
 """The reference's fixed (non-trainable) StatsQ ``clip_val`` buffer."""
-
-
-_CONFIG_FIELDS = {
-    "deit": "size, depth, num_classes, distilled, img_size, quant.attention, "
-            "quant.weight_method",
-    "swin": "size, embed_dim, depths, num_heads, window_size, num_classes, img_size",
-}
 
 
 class CheckpointMismatchError(ValueError):
@@ -51,25 +44,25 @@ def _quantized_modules(model: nnx.Module) -> list[str]:
   return names
 
 
-def reference_family(model: nnx.Module) -> str:
-  """The name table of the reference's state dicts for this model (``names.FAMILIES``)."""
-  return "swin_ofq" if getattr(model, "family", "deit") == "swin" else "deit"
+def reference_names(model: nnx.Module) -> Renames:
+  """The module names of the reference's state dicts for this model's family."""
+  return family_of(model.config).torch.reference
 
 
 def reference_buffers(model: nnx.Module) -> dict[str, np.ndarray]:
   """The reference's StatsQ ``clip_val`` buffers that ofq_jax does not store (one per
   StatsQ-rounded tensor, in the model's floating dtype)."""
   clip = np.array([STATSQ_CLIP_VAL], state_dtype(model))
-  family = reference_family(model)
-  return {statsq_clip_key(t, family): clip for t in rounded_tensors(model)
+  renames = reference_names(model)
+  return {statsq_clip_key(t, renames): clip for t in rounded_tensors(model)
           if t.method == "statsq"}
 
 
 def _load_into(model: nnx.Module, state: Mapping[str, np.ndarray], *,
                buffers: Mapping[str, np.ndarray], may_be_missing: Callable[[str], bool],
-               source: str, dtype: np.dtype, family: str = "deit") -> None:
+               source: str, dtype: np.dtype, renames: Renames) -> None:
   """Checks keys and shapes (all problems in one error), then assigns."""
-  table = entries(nnx.state(model), family)
+  table = entries(nnx.state(model), renames)
   expected = {e.key: e for e in table}
   problems = []
   for key, entry in expected.items():
@@ -92,10 +85,7 @@ def _load_into(model: nnx.Module, state: Mapping[str, np.ndarray], *,
     if key not in expected and key not in buffers:
       problems.append(f"  unexpected {key}: found shape {tuple(np.shape(state[key]))}")
   if problems:
-    raise CheckpointMismatchError(
-        f"{source} does not fit the model built from this config ({len(problems)} "
-        "problem(s)):\n" + "\n".join(problems) +
-        "\nCheck the config (" + _CONFIG_FIELDS[family] + ") against the checkpoint.")
+    raise _mismatch(source, model, problems)
   flat = nnx.to_flat_state(nnx.state(model))
   for entry, (_, leaf) in zip(table, flat):
     if entry.key in state:
@@ -103,15 +93,23 @@ def _load_into(model: nnx.Module, state: Mapping[str, np.ndarray], *,
   nnx.update(model, nnx.from_flat_state(flat))
 
 
-def take_position_indices(state: dict[str, Any], model: nnx.Module, source: str) -> None:
-  """Removes a Swin state dict's position-index buffers after checking each against the
-  model's window (``swin_buffers``); raises ``CheckpointMismatchError`` listing the bad."""
-  problems = pop_position_indices(state, model)
+def _mismatch(source: str, model: nnx.Module, problems: list[str]) -> CheckpointMismatchError:
+  """Every problem of a checkpoint in one error, naming the config keys to check."""
+  return CheckpointMismatchError(
+      f"{source} does not fit the model built from this config ({len(problems)} "
+      "problem(s)):\n" + "\n".join(problems) +
+      "\nCheck the config (" + family_of(model.config).shape_keys + ") against the "
+      "checkpoint.")
+
+
+def take_derived_buffers(state: dict[str, Any], model: nnx.Module, renames: Renames,
+                         source: str) -> None:
+  """Removes the buffers ofq_jax derives (Swin's position indices, ``interop.buffers``)
+  from a state dict after checking each; raises ``CheckpointMismatchError`` listing the
+  bad ones."""
+  problems = pop_derived_buffers(state, model, renames)
   if problems:
-    raise CheckpointMismatchError(
-        f"{source} does not fit the Swin built from this config ({len(problems)} "
-        "problem(s)):\n" + "\n".join(problems) +
-        "\nCheck window_size and depths against the checkpoint.")
+    raise _mismatch(source, model, problems)
 
 
 def _describe(state_or_path: Any) -> str:
@@ -120,32 +118,63 @@ def _describe(state_or_path: Any) -> str:
   return "The state dict"
 
 
-def load_timm_deit(state_or_path: Mapping[str, Any] | str | os.PathLike[str],
-                   config: ml_collections.ConfigDict, *, dtype: Any = None) -> DeiT:
-  """A float DeiT from a timm / FB DeiT checkpoint (dict, .pth, .npz, .safetensors).
+def load_float(state_or_path: Mapping[str, Any] | str | os.PathLike[str],
+               config: ml_collections.ConfigDict, *, dtype: Any = None) -> nnx.Module:
+  """The float model of ``config``'s family from its library's checkpoint (dict, .pth,
+  .npz, .safetensors): timm / FB for DeiT, torchvision for Swin (``Family.torch``).
 
-  ``config`` (``model_config``) fixes the architecture; its ``quant`` block is
-  ignored. ``dtype``: the model state's dtype; ``None`` keeps the checkpoint's
-  float32 / float64 where JAX can hold it (``ofq_jax.models.dtypes.param_dtype``).
-  Raises CheckpointMismatchError listing every missing, unexpected or
-  mis-shaped key.
+  ``config`` fixes the architecture; its ``quant`` block is ignored. ``dtype``: the
+  model state's dtype; ``None`` keeps the checkpoint's float32 / float64 where JAX can
+  hold it (``ofq_jax.models.dtypes.param_dtype``). Raises CheckpointMismatchError
+  listing every missing, unexpected or mis-shaped key and every derived buffer (Swin's
+  position indices) that does not match the config.
   """
-  state = read_state_dict(state_or_path)
+  state = dict(read_state_dict(state_or_path))
   dtype = param_dtype(dtype, state.values())
   model = create_model(float_config(config), dtype=dtype)
+  names = family_of(config).torch.float
+  take_derived_buffers(state, model, names, _describe(state_or_path))
   _load_into(model, state, buffers={}, may_be_missing=lambda key: False,
-             source=_describe(state_or_path), dtype=dtype)
+             source=_describe(state_or_path), dtype=dtype, renames=names)
   return model
 
 
-def export_timm_deit(float_model: DeiT) -> dict[str, np.ndarray]:
-  """Reverse of ``load_timm_deit``: timm keys and layouts, loadable with strict=True."""
+def float_format(config: ml_collections.ConfigDict) -> str:
+  """What the float checkpoints of ``config``'s family are called (for messages)."""
+  return family_of(config).torch.float_format
+
+
+def export_float(float_model: nnx.Module) -> dict[str, np.ndarray]:
+  """Reverse of ``load_float``: the library's keys and layouts (derived buffers
+  included), loadable with strict=True."""
   quantized = _quantized_modules(float_model)
   if quantized:
-    raise ValueError("export_timm_deit takes a float model; these layers are quantized: "
-                     f"{quantized[:5]}{'...' if len(quantized) > 5 else ''}. Use "
+    raise ValueError("Exporting a float checkpoint takes a float model; these layers are "
+                     f"quantized: {quantized[:5]}{'...' if len(quantized) > 5 else ''}. Use "
                      "export_ofq_torch for quantized models.")
-  return state_to_torch(nnx.state(float_model))
+  names = family_of(float_model.config).torch.float
+  out = state_to_torch(nnx.state(float_model), names)
+  out.update(derived_buffers(float_model, names))
+  return out
+
+
+def load_timm_deit(state_or_path: Mapping[str, Any] | str | os.PathLike[str],
+                   config: ml_collections.ConfigDict, *, dtype: Any = None) -> nnx.Module:
+  """A float DeiT from a timm / FB DeiT checkpoint: ``load_float`` of a DeiT config."""
+  _check_family(config, "deit", "load_timm_deit")
+  return load_float(state_or_path, config, dtype=dtype)
+
+
+def export_timm_deit(float_model: nnx.Module) -> dict[str, np.ndarray]:
+  """Reverse of ``load_timm_deit``: timm keys and layouts, loadable with strict=True."""
+  _check_family(float_model.config, "deit", "export_timm_deit")
+  return export_float(float_model)
+
+
+def _check_family(config: ml_collections.ConfigDict, family: str, function: str) -> None:
+  if family_of(config).name != family:
+    raise UserError(f"{function} reads and writes {family} models; model.arch="
+                    f"{family_of(config).name!r}: use load_float / export_float.")
 
 
 _NO_PRODUCT = ("{what}, but the OFQ reference format has no W_qk parameter: it stores W_q "
@@ -156,8 +185,8 @@ _NO_PRODUCT = ("{what}, but the OFQ reference format has no W_qk parameter: it s
 
 def load_ofq_torch(state_or_path: Mapping[str, Any] | str | os.PathLike[str],
                    config: ml_collections.ConfigDict, *, calibrated: bool = True,
-                   dtype: Any = None) -> DeiT:
-  """A quantized DeiT from a checkpoint of the OFQ reference implementation.
+                   dtype: Any = None) -> nnx.Module:
+  """A quantized DeiT or Swin from a checkpoint of the OFQ reference implementation.
 
   The released ``.pth.tar`` files hold the weights under ``"state_dict"``.
   ``config.quant`` must describe the checkpoint (bits, attention, weight method).
@@ -173,18 +202,17 @@ def load_ofq_torch(state_or_path: Mapping[str, Any] | str | os.PathLike[str],
                     "the reference's checkpoints hold W_q and W_k: load them with "
                     "qk_form='factors'.")
   state = dict(read_state_dict(state_or_path))
-  dtype = param_dtype(dtype, [v for k, v in state.items() if not k.endswith(INDEX_SUFFIX)])
-  model = create_any_model(config, dtype=dtype)
-  family = reference_family(model)
-  if family == "swin_ofq":
-    take_position_indices(state, model, _describe(state_or_path))
+  dtype = param_dtype(dtype, state.values())
+  model = create_model(config, dtype=dtype)
+  names = reference_names(model)
+  take_derived_buffers(state, model, names, _describe(state_or_path))
   may_be_missing = (lambda key: False) if calibrated else (lambda key: key.endswith(".s"))
   _load_into(model, state, buffers=reference_buffers(model), may_be_missing=may_be_missing,
-             source=_describe(state_or_path), dtype=dtype, family=family)
+             source=_describe(state_or_path), dtype=dtype, renames=names)
   return model
 
 
-def export_ofq_torch(model: DeiT) -> dict[str, np.ndarray]:
+def export_ofq_torch(model: nnx.Module) -> dict[str, np.ndarray]:
   """Reverse of ``load_ofq_torch``: reference keys, layouts and buffers (strict-loadable).
 
   Refuses QKR in the product form (``quant.qk_form='product'``, e.g. after CGA with
@@ -199,9 +227,8 @@ def export_ofq_torch(model: DeiT) -> dict[str, np.ndarray]:
     if isinstance(module, QKRAttention) and module.key_bias is not None:
       raise ValueError(f"{dotted(path)} has the qk_bias='fold' key bias, which the reference "
                        "model cannot hold; export a model built with qk_bias='drop'.")
-  family = reference_family(model)
-  out = state_to_torch(nnx.state(model), family)
+  names = reference_names(model)
+  out = state_to_torch(nnx.state(model), names)
   out.update(reference_buffers(model))
-  if family == "swin_ofq":
-    out.update(position_indices(model))
+  out.update(derived_buffers(model, names))
   return out

@@ -1,9 +1,11 @@
 """Parameter names and layouts: ofq_jax state paths <-> timm / OFQ-reference keys.
 
 Every entry of a model's flat NNX state gets a reference key and a pair of
-layout transforms. The same table serves the float DeiT (timm / FB keys) and
-the quantized one (the reference's ``state_dict`` keys, spec 8.1), and is also
-used to export gradients for the parity tests.
+layout transforms: the family's renames (``Family.torch``: its module names in timm /
+torchvision or in the reference) and then the layer rules here. The same table serves
+the float models (timm / torchvision keys) and the quantized ones (the reference's
+``state_dict`` keys, spec 8.1), and is also used to export gradients for the parity
+tests.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
+from ofq_jax.models.family import Rename
 from ofq_jax.paths import dotted
 
 
@@ -38,15 +41,10 @@ def _flatten(a: Array) -> Array:
   return np.reshape(np.asarray(a), (-1,))
 
 
-# (regex on the dotted ofq_jax path, torch key template, layout kind); first match wins.
+# (regex on the dotted ofq_jax path after the family's renames, torch key template,
+# layout kind); first match wins. Layer attributes only: a family's module names are
+# its declaration's (``Family.torch``). A 4-D ``kernel`` is a conv (``conv``, not ``dense``).
 _RULES: list[tuple[re.Pattern[str], str, str]] = [(re.compile(p), t, k) for p, t, k in [
-    (r"patch_embed\.kernel", "patch_embed.proj.weight", "conv"),
-    (r"features\.0\.0\.kernel", "features.0.0.weight", "conv"),  # Swin (torchvision)
-    (r"patch_embed\.bias", "patch_embed.proj.bias", "same"),
-    (r"patch_embed\.input_quant\.step", "patch_embed.proj.input_quant_fn.s", "same"),
-    (r"patch_embed\.input_quant\.signed", "patch_embed.proj.input_quant_fn.signed", "same"),
-    (r"patch_embed\.weight_quant\.step", "patch_embed.proj.lsqw_fn.s", "same"),
-    (r"patch_embed\.(move_b4|move_aft)", r"patch_embed.proj.\1.bias", "same"),
     # QKR attention (spec 3.5): the input quantizer and its biases sit in quant_x_4_qkv.
     (r"(.+\.attn)\.input_quant\.step", r"\1.quant_x_4_qkv.input_quant_fn.s", "same"),
     (r"(.+\.attn)\.(move_b4|move_aft)", r"\1.quant_x_4_qkv.\2.bias", "same"),
@@ -92,75 +90,57 @@ class Entry:
     return np.reshape(value, self.jax_shape)
 
 
-# Swin's module paths -> torchvision's ``features.K...`` names (stage s is features.2s+1,
-# the merge after it features.2s+2), before the rules above apply.
-_SWIN_PATHS: list[tuple[re.Pattern[str], Callable[[re.Match[str]], str]]] = [
-    (re.compile(r"patch_norm\.(.+)"), lambda m: f"features.0.2.{m[1]}"),
-    (re.compile(r"patch_embed\.(.+)"), lambda m: f"features.0.0.{m[1]}"),
-    (re.compile(r"stages\.(\d+)\.(\d+)\.(.+)"),
-     lambda m: f"features.{2 * int(m[1]) + 1}.{m[2]}.{m[3]}"),
-    (re.compile(r"merges\.(\d+)\.(.+)"), lambda m: f"features.{2 * int(m[1]) + 2}.{m[2]}"),
-]
-_SWIN_MLP = re.compile(r"\.mlp\.fc([12])\.")
+Renames = tuple[Rename, ...]
+"""A family's torch names (``Family.torch.reference`` or ``.float``)."""
 
 
-FAMILIES = ("deit", "swin", "swin_ofq")
-"""Name tables: DeiT (timm and the reference alike), Swin as torchvision names it, and
-Swin as the OFQ reference names it (its MLP is ``mlp.fc1`` / ``mlp.fc2``)."""
-
-
-def swin_name(name: str, family: str = "swin") -> str:
-  """A Swin state path in torchvision's module names (``mlp.fc1`` -> ``mlp.0`` for
-  torchvision; the reference's quantized Swin keeps ``fc1`` / ``fc2``)."""
-  for pattern, rename in _SWIN_PATHS:
-    match = pattern.fullmatch(name)
-    if match:
-      name = rename(match)
-      break
-  if family == "swin":
-    name = _SWIN_MLP.sub(lambda m: ".mlp.0." if m[1] == "1" else ".mlp.3.", name)
+def renamed(name: str, renames: Renames) -> str:
+  """A dotted ofq_jax path in a family's torch module names (``re.sub`` in order)."""
+  for pattern, replacement in renames:
+    name = re.sub(pattern, replacement, name)
   return name
 
 
-def torch_key(path: tuple[str | int, ...], family: str = "deit") -> tuple[str, str]:
-  """Reference key and layout kind of an ofq_jax state path (``family`` in FAMILIES)."""
-  name = dotted(path)
-  if family != "deit":
-    name = swin_name(name, family)
+def torch_key(path: tuple[str | int, ...], renames: Renames = (), ndim: int = 2
+              ) -> tuple[str, str]:
+  """Reference key and layout kind of an ofq_jax state path of ``ndim`` dimensions."""
+  name = renamed(dotted(path), renames)
   for pattern, template, kind in _RULES:
     match = pattern.fullmatch(name)
     if match:
-      return match.expand(template), kind
+      return match.expand(template), "conv" if kind == "dense" and ndim == 4 else kind
   raise AssertionError(name)  # the last rule matches everything
 
 
-def entries(state: nnx.State, family: str = "deit") -> list[Entry]:
+def entries(state: nnx.State, renames: Renames = ()) -> list[Entry]:
   """The name table of every leaf of an NNX state (a model's, or its gradients')."""
   table = []
   for path, leaf in nnx.to_flat_state(state):
     value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
-    key, kind = torch_key(path, family)
+    key, kind = torch_key(path, renames, np.ndim(value))
     table.append(Entry(tuple(path), key, kind, tuple(np.shape(value))))
   return table
 
 
-def state_to_torch(state: nnx.State, family: str = "deit") -> dict[str, Array]:
+def state_to_torch(state: nnx.State, renames: Renames = ()) -> dict[str, Array]:
   """``{reference key: array in torch layout}`` for every leaf of ``state``."""
   out = {}
-  for entry, (_, leaf) in zip(entries(state, family), nnx.to_flat_state(state)):
+  for entry, (_, leaf) in zip(entries(state, renames), nnx.to_flat_state(state)):
     value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
     out[entry.key] = entry.to_torch(np.asarray(value))
   return out
 
 
+REFERENCE_MARKERS = (".input_quant_fn.s", ".lsqw_fn.s", ".statsq_fn.clip_val",
+                     ".qk_quant.clip_val")
+"""Key endings only the OFQ reference's quantized models have (its quantizer modules)."""
+
 # The reference's StatsQ module holding each rounded tensor's fixed clip_val buffer.
 _STATSQ_MODULES = {"kernel": "statsq_fn", "qk_product": "qk_quant", "v_kernel": "v_quant"}
 
 
-def statsq_clip_key(tensor: Any, family: str = "deit") -> str:
+def statsq_clip_key(tensor: Any, renames: Renames = ()) -> str:
   """Reference key of the ``clip_val`` buffer of a StatsQ-rounded tensor
   (``ofq_jax.models.rounded.RoundedTensor``)."""
-  name = dotted(tensor.path)
-  if family != "deit":
-    name = swin_name(name, family)
+  name = renamed(dotted(tensor.path), renames)
   return f"{name}.{_STATSQ_MODULES[tensor.attr]}.clip_val"

@@ -183,6 +183,18 @@ def qk_product_of(q_kernel: jax.Array, k_kernel: jax.Array, num_heads: int,
   return jnp.einsum("rhe,che->hrc", wq, wk, precision=precision)
 
 
+class AttentionNames(NamedTuple):
+  """What a QKR attention calls its parameters (their state paths): DeiT's and Swin's by
+  default, which are the reference's too; a family with names of its own (Hugging Face's
+  ``q_proj`` ... ``o_proj``) sets ``names`` on a subclass. ``v`` is also the name of the
+  value kernel's rounding (metrics, CGA targets)."""
+  q: str = "q_kernel"
+  k: str = "k_kernel"
+  v: str = "v_kernel"
+  v_bias: str = "v_bias"
+  out: str = "proj"  # the output projection, a QDense
+
+
 class QKRAttention(nnx.Module, RoundsTensors):
   """Query-key reparameterized attention (spec 3.5, the released OFQ recipe).
 
@@ -197,9 +209,10 @@ class QKRAttention(nnx.Module, RoundsTensors):
   the product itself. The reference's CGA cannot anneal a derived product (spec 4.4:
   freezing an entry of ``W_qk`` needs a parameter that is that entry), so
   ``cga.include_qk`` runs CGA in the product form; the forward is the same function
-  of ``W_qk`` in both forms.
+  of ``W_qk`` in both forms. The parameters' names are ``names`` (``AttentionNames``).
   """
   product_name = ""  # its module path, set by ``explain.products`` to name its products
+  names = AttentionNames()
 
   def __init__(self, dim: int, num_heads: int, *, spec: QuantSpec, proj_spec: QuantSpec,
                num_tokens: int, rngs: nnx.Rngs):
@@ -217,19 +230,22 @@ class QKRAttention(nnx.Module, RoundsTensors):
     self.head_dim = dim // num_heads
     self.precision = precision
     self.qk_form = qk_form
-    init = default_kernel_init
+    init, names = default_kernel_init, self.names
     q_kernel, k_kernel = init(rngs.params(), (dim, dim)), init(rngs.params(), (dim, dim))
     if qk_form == "factors":
-      self.q_kernel, self.k_kernel = nnx.Param(q_kernel), nnx.Param(k_kernel)
+      setattr(self, names.q, nnx.Param(q_kernel))
+      setattr(self, names.k, nnx.Param(k_kernel))
       self.qk_kernel = None
     else:  # the product of the same draws: one seed gives the same attention in both forms
-      self.q_kernel = self.k_kernel = None
+      setattr(self, names.q, None)
+      setattr(self, names.k, None)
       self.qk_kernel = nnx.Param(qk_product_of(q_kernel, k_kernel, num_heads, precision))
-    self.v_kernel = nnx.Param(init(rngs.params(), (dim, dim)))
-    self.v_bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
+    setattr(self, names.v, nnx.Param(init(rngs.params(), (dim, dim))))
+    setattr(self, names.v_bias, nnx.Param(jnp.zeros((dim,), jnp.float32)))
     self.key_bias = (nnx.Param(jnp.zeros((num_heads, dim), jnp.float32))
                      if qk_bias == "fold" else None)
-    self.proj = QDense(dim, dim, spec=proj_spec, rngs=rngs, input_steps=per_token(num_tokens))
+    setattr(self, names.out, QDense(dim, dim, spec=proj_spec, rngs=rngs,
+                                    input_steps=per_token(num_tokens)))
     lsq = _maybe_lsq(spec)
     self.input_quant = lsq(signed=True, step_shape=(num_tokens,), keep_axes=(1,))
     self.qkx_quant = lsq(signed=True, step_shape=(num_tokens, num_heads), keep_axes=(1, 2))
@@ -251,22 +267,28 @@ class QKRAttention(nnx.Module, RoundsTensors):
     # factors form (no parameter to freeze), the parameter qk_kernel in the product form.
     qk_rounding = Rounding("statsq", bits, (2,))
     qk = (Rounds("qk_product", qk_rounding, param="qk_kernel") if self.qk_form == "product"
-          else Rounds("qk_product", qk_rounding, param=None, sources=("q_kernel", "k_kernel")))
-    return (Rounds("v_kernel", Rounding("statsq", bits, (0,)), param="v_kernel"), qk)
+          else Rounds("qk_product", qk_rounding, param=None,
+                      sources=(self.names.q, self.names.k)))
+    return (Rounds(self.names.v, Rounding("statsq", bits, (0,)), param=self.names.v), qk)
 
   def value(self, name: str) -> jax.Array:
     return self.qk_product() if name == "qk_product" else super().value(name)
+
+  def factor(self, role: str) -> nnx.Param | None:
+    """The parameter of ``role`` (a field of ``AttentionNames``: ``q``, ``k``, ``v``,
+    ``v_bias``, ``out``) under this attention's ``names``."""
+    return getattr(self, getattr(self.names, role))
 
   def qk_product(self) -> jax.Array:
     """``W_qk`` as ``(H, D, D)``: ``[h, r, c] = sum_e W_q[h*d+e, r] W_k[h*d+e, c]``, or
     the parameter itself in the product form."""
     if self.qk_kernel is not None:
       return self.qk_kernel[...]
-    return qk_product_of(self.q_kernel[...], self.k_kernel[...], self.num_heads,
+    return qk_product_of(self.factor("q")[...], self.factor("k")[...], self.num_heads,
                          self.precision)
 
   def _weight_levels(self, name: str) -> WeightLevels | None:
-    """The integer form of the kernel ``name`` multiplies with: ``v_kernel`` ``(D, D)``,
+    """The integer form of the kernel ``name`` multiplies with: the value kernel ``(D, D)``,
     or the product laid out as ``(D_c, H * D_r)`` (one unit per (head, row))."""
     if not self.spec.quantize_weights:
       return None
@@ -386,10 +408,11 @@ class QKRAttention(nnx.Module, RoundsTensors):
       xq = self.input_quant(shifted) + self.move_aft[...]
       x_levels = activation_levels(shifted, self.input_quant, self.move_aft[...])
 
-    v_kernel = self.rounded("v_kernel") if self.spec.quantize_weights else self.v_kernel[...]
-    v = quantized_dense(xq, v_kernel, self.spec, x_levels, self._weight_levels("v_kernel"),
+    value = self.names.v
+    v_kernel = self.rounded(value) if self.spec.quantize_weights else self.factor("v")[...]
+    v = quantized_dense(xq, v_kernel, self.spec, x_levels, self._weight_levels(value),
                         f"{self.product_name}.v") \
-        + self.v_bias[...]
+        + self.factor("v_bias")[...]
     v = quantize_operand(v + self.move_v_b4[...] if acts else v, self.v_quant,
                          self.move_v_aft[...] if acts else None)
     v = v.split_heads(heads, head_dim).transpose((0, 2, 1, 3))  # (B, H, N, d)
@@ -408,4 +431,5 @@ class QKRAttention(nnx.Module, RoundsTensors):
       logits = logits + key_term[:, :, None, :]
     probs = _softmax_probs(_scaled(logits, head_dim, logits_bias), self.softmax_quant)
     out = _attend(self.spec, probs, v, f"{self.product_name}.values")
-    return self.proj(jnp.reshape(jnp.transpose(out, (0, 2, 1, 3)), (batch, tokens, dim)))
+    return self.factor("out")(jnp.reshape(jnp.transpose(out, (0, 2, 1, 3)),
+                                          (batch, tokens, dim)))

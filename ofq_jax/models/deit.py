@@ -21,7 +21,8 @@ from ofq_jax.models.dtypes import build
 from ofq_jax.models.fences import residual_fence
 from ofq_jax.models.layers import PER_TENSOR, Mlp, PatchEmbed, QDense, per_token
 from ofq_jax.models.config import PRESETS, check_images, model_config, validate_config
-from ofq_jax.models.family import Family
+from ofq_jax.models import from_float
+from ofq_jax.models.family import Family, TorchNames
 from ofq_jax.quant.rules import QuantRules
 
 def num_tokens(config: ml_collections.ConfigDict) -> int:
@@ -122,12 +123,62 @@ def create_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs | int = 0, *,
   return build(DeiT, config, rngs, dtype)
 
 
+def copy_from_float(src: DeiT, dst: DeiT, quant: ml_collections.ConfigDict, seed: int) -> None:
+  """``Family.from_float`` of DeiT: every shared weight copied, each block's attention
+  by ``from_float.init_attention`` with two keys of ``seed`` per block."""
+  if src.config.embed_dim != dst.config.embed_dim or len(src.blocks) != len(dst.blocks):
+    raise ValueError(f"Float model (embed_dim={src.config.embed_dim}, depth={len(src.blocks)})"
+                     f" does not match the config (embed_dim={dst.config.embed_dim}, depth="
+                     f"{dst.config.depth}).")
+  keys = iter(jax.random.split(jax.random.key(seed), 2 * len(dst.blocks)))
+  from_float.copy(dst.patch_embed.kernel, src.patch_embed.kernel)
+  from_float.copy(dst.patch_embed.bias, src.patch_embed.bias)
+  for name in ("cls_token", "dist_token", "pos_embed"):
+    if (getattr(src, name) is None) != (getattr(dst, name) is None):
+      raise ValueError(f"Float and quantized configs disagree on {name} (distilled?).")
+    if getattr(dst, name) is not None:
+      from_float.copy(getattr(dst, name), getattr(src, name))
+  for s_block, d_block in zip(src.blocks, dst.blocks):
+    from_float.copy_norm(d_block.norm1, s_block.norm1)
+    from_float.copy_norm(d_block.norm2, s_block.norm2)
+    from_float.copy_dense(d_block.mlp.fc1, s_block.mlp.fc1)
+    from_float.copy_dense(d_block.mlp.fc2, s_block.mlp.fc2)
+    from_float.init_attention(d_block.attn, s_block.attn, quant, next(keys), next(keys))
+  from_float.copy_norm(dst.norm, src.norm)
+  from_float.copy_dense(dst.head, src.head)
+  if dst.head_dist is not None:
+    from_float.copy_dense(dst.head_dist, src.head_dist)
+
+
+def block_kinds(block: str) -> tuple[tuple[str, str], ...]:
+  """``Family.kinds`` of a DeiT block's tensors under the block paths ``block`` (a regex):
+  Swin's blocks are DeiT's."""
+  return (("qkv", block + r"\.attn\.qkv\.kernel"),
+          ("qk", block + r"\.attn\.qk_product"),
+          ("qk_implied", block + r"\.attn\.[qk]_kernel"),
+          ("v", block + r"\.attn\.v_kernel"),
+          ("proj", block + r"\.attn\.proj\.kernel"),
+          ("fc1", block + r"\.mlp\.fc1\.kernel"),
+          ("fc2", block + r"\.mlp\.fc2\.kernel"))
+
+
 FAMILY = Family(
     "deit", create_model, model_config, PRESETS,
     edge_layers=r"patch_embed\.proj|head|head_dist",
     block_layers=r"blocks\.\d+\..*",
     # The reference's: fc1, fc2, proj and v (QKR) or qkv (standard) of every block.
     cga_targets=(r"blocks\.\d+\.(mlp\.fc1\.kernel|mlp\.fc2\.kernel|attn\.proj\.kernel|"
-                 r"attn\.v_kernel|attn\.qkv\.kernel)"))
+                 r"attn\.v_kernel|attn\.qkv\.kernel)"),
+    shape_keys="size, depth, num_classes, distilled, img_size, quant.attention, "
+               "quant.weight_method",
+    no_decay=("pos_embed", "cls_token", "dist_token"),  # timm's DeiT.no_weight_decay
+    kinds=block_kinds(r"blocks\.\d+") + (("patch_embed", r"patch_embed\..*"),
+                                          ("head", r"head(_dist)?\.kernel")),
+    blocks=r"blocks\.\d+",
+    # timm and the reference alike: the patch embedding's conv is ``patch_embed.proj``.
+    torch=TorchNames(reference=((r"^patch_embed\.", "patch_embed.proj."),),
+                     float=((r"^patch_embed\.", "patch_embed.proj."),),
+                     float_format="timm / FB DeiT"),
+    from_float=copy_from_float)
 """DeiT's module paths: ``patch_embed.proj``, ``blocks.{i}.attn``, ``blocks.{i}.attn.proj``,
 ``blocks.{i}.mlp.fc1`` / ``fc2``, ``head``, ``head_dist``."""

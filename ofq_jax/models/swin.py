@@ -36,13 +36,16 @@ from flax import nnx
 
 from ofq_jax.errors import UserError
 from ofq_jax.models.attention import QKRAttention, StandardAttention
+from ofq_jax.models.deit import block_kinds
 from ofq_jax.models.config import (check_images, check_patches_and_precision, check_qk_form,
                                    family_config)
 from ofq_jax.models.quant_keys import check_quant
 from ofq_jax.models.dtypes import build
-from ofq_jax.models.family import Family
+from ofq_jax.models import from_float
+from ofq_jax.models.family import Family, TorchNames
 from ofq_jax.models.fences import residual_fence
-from ofq_jax.models.layers import PER_TENSOR, Mlp, PatchEmbed, QDense, per_column
+from ofq_jax.models.layers import (PER_TENSOR, Mlp, PatchEmbed, QDense, per_column,
+                                   torch_default_linear_init)
 from ofq_jax.quant.rules import QuantRules, QuantSpec
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -342,6 +345,60 @@ def create_model(config: ml_collections.ConfigDict, rngs: nnx.Rngs | int = 0, *,
   return build(SwinTransformer, config, rngs, dtype)
 
 
+def copy_from_float(src: SwinTransformer, dst: SwinTransformer,
+                    quant: ml_collections.ConfigDict, seed: int) -> None:
+  """``Family.from_float`` of Swin (SWIN.md 5): DeiT's copy per block, plus each block's
+  position table re-drawn (``quant.position_table_init``) and a random bias on each
+  patch-merging reduction, which the float model does not have; keys of ``seed``, three
+  per block then one per merge."""
+  if (src.config.embed_dim, tuple(src.config.depths)) != (dst.config.embed_dim,
+                                                          tuple(dst.config.depths)):
+    raise ValueError(f"Float Swin (embed_dim={src.config.embed_dim}, depths="
+                     f"{tuple(src.config.depths)}) does not match the config (embed_dim="
+                     f"{dst.config.embed_dim}, depths={tuple(dst.config.depths)}).")
+  blocks = [(s, d) for s_stage, d_stage in zip(src.stages, dst.stages)
+            for s, d in zip(s_stage, d_stage)]
+  keys = iter(jax.random.split(jax.random.key(seed), 3 * len(blocks) + len(dst.merges)))
+  from_float.copy(dst.patch_embed.kernel, src.patch_embed.kernel)
+  from_float.copy(dst.patch_embed.bias, src.patch_embed.bias)
+  from_float.copy_norm(dst.patch_norm, src.patch_norm)
+  table_init = nnx.initializers.truncated_normal(stddev=0.02)
+  for s_block, d_block in blocks:
+    from_float.copy_norm(d_block.norm1, s_block.norm1)
+    from_float.copy_norm(d_block.norm2, s_block.norm2)
+    from_float.copy_dense(d_block.mlp.fc1, s_block.mlp.fc1)
+    from_float.copy_dense(d_block.mlp.fc2, s_block.mlp.fc2)
+    from_float.init_attention(d_block.attn, s_block.attn, quant, next(keys), next(keys))
+    table = d_block.attn.relative_position_bias_table
+    table_key = next(keys)
+    if quant.position_table_init == "pretrained":
+      from_float.copy(table, s_block.attn.relative_position_bias_table)
+    else:
+      from_float.copy(table, table_init(table_key, table.shape, table.dtype))
+  for s_merge, d_merge in zip(src.merges, dst.merges):
+    from_float.copy_norm(d_merge.norm, s_merge.norm)
+    from_float.copy(d_merge.reduction.kernel, s_merge.reduction.kernel)
+    _, bias = torch_default_linear_init(next(keys), *d_merge.reduction.kernel.shape)
+    from_float.copy(d_merge.reduction.bias, bias)
+  from_float.copy_norm(dst.norm, src.norm)
+  from_float.copy_dense(dst.head, src.head)
+
+
+def position_indices(model: SwinTransformer) -> dict[str, np.ndarray]:
+  """Each block's ``relative_position_index`` as torch stores it (flattened, int64), by
+  ofq_jax path: torchvision and the reference keep it as a buffer, ofq_jax derives it."""
+  index = relative_position_index(model.config.window_size).ravel().astype(np.int64)
+  return {f"stages.{s}.{i}.attn.relative_position_index": index
+          for s, blocks in enumerate(model.stages) for i in range(len(blocks))}
+
+
+# torchvision names stage s ``features.{2s+1}`` and the merge after it ``features.{2s+2}``;
+# the patch embedding is ``features.0.0`` and its norm ``features.0.2``.
+_FEATURES = ((r"^patch_norm\.", "features.0.2."), (r"^patch_embed\.", "features.0.0."),
+             (r"^stages\.(\d+)\.", lambda m: f"features.{2 * int(m[1]) + 1}."),
+             (r"^merges\.(\d+)\.", lambda m: f"features.{2 * int(m[1]) + 2}."))
+
+
 FAMILY = Family(
     "swin", create_model, model_config, PRESETS,
     edge_layers=r"patch_embed\.proj|head",
@@ -350,7 +407,19 @@ FAMILY = Family(
     # (its module-name test, SWIN.md 8.2). For the ``statsq`` Swin that test selects
     # nothing (it wants ``blocks`` in the name), so the reference's CGA freezes no weight.
     cga_targets=(r"stages\.\d+\.\d+\.(mlp\.fc1\.kernel|mlp\.fc2\.kernel|"
-                 r"attn\.proj\.kernel|attn\.v_kernel)|merges\.\d+\.reduction\.kernel"))
+                 r"attn\.proj\.kernel|attn\.v_kernel)|merges\.\d+\.reduction\.kernel"),
+    shape_keys="size, embed_dim, depths, num_heads, window_size, num_classes, img_size",
+    kinds=block_kinds(r"stages\.\d+\.\d+") + (
+        ("reduction", r"merges\.\d+\.reduction\.kernel"),
+        ("patch_embed", r"patch_embed\..*"), ("head", r"head\.kernel")),
+    blocks=r"stages\.\d+\.\d+",
+    # torchvision's MLP is ``mlp.0`` / ``mlp.3``; the reference's quantized Swin keeps
+    # ``mlp.fc1`` / ``mlp.fc2`` (SWIN.md).
+    torch=TorchNames(reference=_FEATURES,
+                     float=_FEATURES + ((r"\.mlp\.fc1\.", ".mlp.0."),
+                                        (r"\.mlp\.fc2\.", ".mlp.3.")),
+                     float_format="torchvision Swin", buffers=position_indices),
+    from_float=copy_from_float)
 """Swin's module paths: ``patch_embed.proj``, ``stages.{s}.{i}.attn``,
 ``stages.{s}.{i}.attn.proj``, ``stages.{s}.{i}.mlp.fc1`` / ``fc2``,
 ``merges.{s}.reduction``, ``head``."""

@@ -11,8 +11,9 @@ to), which the model never rounds, so that "QKR reduces q/k oscillation" can be 
 like for like; they are reported in their own group and left out of the totals.
 
 Tensors are reported per module type (``GROUPS``: ``qk``, ``v``, ``proj``, ``fc1``,
-``fc2``, ``reduction``, ``patch_embed``, ``head``): a standard attention's fused qkv
-kernel is split into its q, k and v columns, and QKR's product into its heads.
+``fc2``, ``reduction``, ``patch_embed``, ``head``), as the model's family declares them
+(``Family.kinds``): a standard attention's fused qkv kernel is split into its q, k and v
+columns, and QKR's product into its heads.
 
 The tracker is a module of its own, beside the model, so the model's parameters,
 checkpoint layout and interop stay as they are; its state has the shapes of the
@@ -24,7 +25,6 @@ at log steps only, as a few stacked vectors (``layer_metrics``), and named on th
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any
 
 import jax
@@ -34,15 +34,16 @@ import numpy as np
 from flax import nnx
 
 from ofq_jax.errors import UserError
-from ofq_jax.models import rounded
+from ofq_jax.models import family_of, rounded
+from ofq_jax.models.family import FUSED_QKV, IMPLIED, KINDS, Family
 from ofq_jax.paths import dotted
 from ofq_jax.quant.oscillation import (FixedGridState, OscillationState, init_fixed_grid,
                                        init_oscillation, oscillation_step, track_fixed_grid)
 from ofq_jax.quant.rounding import Rounding
 
-GROUPS = ("qk", "v", "proj", "fc1", "fc2", "reduction", "patch_embed", "head")
-"""Module types, as the paper's per-module analysis groups them."""
-IMPLIED_GROUP = "qk_implied"
+GROUPS = KINDS
+"""Module types, as the paper's per-module analysis groups them (``models.family.KINDS``)."""
+IMPLIED_GROUP = IMPLIED
 """QKR's ``W_q`` and ``W_k`` on StatsQ's grid: followed, never rounded by the model."""
 DEFINITIONS = {"osc": "integer level", "osc_grid": "fixed grid"}
 """Metric prefix of each flip definition."""
@@ -122,26 +123,6 @@ def weight_scales(model: nnx.Module) -> dict[str, jax.Array]:
 
 
 # ----------------------------------------------------------------------------- groups
-_GROUP_PATTERNS = (
-    ("qk", r".*attn\.(qk_product|q_kernel|k_kernel)"),
-    ("v", r".*attn\.v_kernel"),
-    ("proj", r".*attn\.proj\.kernel"),
-    ("fc1", r".*mlp\.fc1\.kernel"),
-    ("fc2", r".*mlp\.fc2\.kernel"),
-    ("reduction", r".*reduction\.kernel"),
-    ("patch_embed", r"patch_embed\..*"),
-    ("head", r"head(_dist)?\.kernel"),
-)
-
-
-def tensor_group(name: str) -> str:
-  """The module type of a rounded tensor's name (``other`` when none fits)."""
-  for group, pattern in _GROUP_PATTERNS:
-    if re.fullmatch(pattern, name):
-      return group
-  return "other"
-
-
 @dataclasses.dataclass(frozen=True)
 class Part:
   """A reported piece of a tracked tensor: its group, a label ('' = the whole tensor)
@@ -151,19 +132,21 @@ class Part:
   index: tuple[Any, ...]
 
 
-def tensor_parts(weight: rounded.RoundedTensor, shape: tuple[int, ...], *,
+def tensor_parts(weight: rounded.RoundedTensor, shape: tuple[int, ...], family: Family, *,
                  implied: bool = False) -> tuple[Part, ...]:
-  """How a tensor is reported: a fused ``(in, 3D)`` qkv kernel as its q, k (group
-  ``qk``) and v columns; QKR's ``(H, D, D)`` product per head; the rest whole."""
+  """How a tensor is reported, by its kind in ``family`` (``Family.kind``): a fused
+  ``(in, 3D)`` qkv kernel as its q, k (group ``qk``) and v columns; QKR's ``(H, D, D)``
+  product per head; the rest whole."""
   if implied:
     return (Part(IMPLIED_GROUP, "", ()),)
-  if re.fullmatch(r".*attn\.qkv\.kernel", weight.name):
+  kind = family.kind(weight.name)
+  if kind == FUSED_QKV:
     width = shape[-1] // 3
     return tuple(Part(group, label, (Ellipsis, slice(i * width, (i + 1) * width)))
                  for i, (group, label) in enumerate((("qk", "q"), ("qk", "k"), ("v", "v"))))
   if weight.attr == "qk_product":
     return tuple(Part("qk", f"head{h}", (h,)) for h in range(shape[0]))
-  return (Part(tensor_group(weight.name), "", ()),)
+  return (Part(kind, "", ()),)
 
 
 # ----------------------------------------------------------------------------- state
@@ -257,7 +240,8 @@ class OscillationTracker(nnx.Module):
     self.fixed_grid = bool(fixed_grid)
     self.grid_every_updates = max(1, int(grid_every_steps) // self.every_steps)
     shapes, scale_sizes = _level_and_scale_shapes(model, self.followed)
-    self.parts = tuple(tensor_parts(w, shape, implied=i >= len(self.weights))
+    family = family_of(model.config)
+    self.parts = tuple(tensor_parts(w, shape, family, implied=i >= len(self.weights))
                        for i, (w, shape) in enumerate(zip(self.followed, shapes)))
     self.trackers = nnx.List([WeightTracker(shape, size, len(parts), self.fixed_grid)
                               for shape, size, parts in zip(shapes, scale_sizes, self.parts)])

@@ -18,6 +18,7 @@ from ofq_jax import cga as cga_lib
 from ofq_jax import losses, optim
 from ofq_jax.paths import state_path
 from ofq_jax.models import create_model, model_config
+from ofq_jax.models import deit
 from ofq_jax.models.deit import Logits
 from ofq_jax.models.quantizers import QuantBuffer
 
@@ -53,7 +54,8 @@ def test_weight_decay_mask_follows_timm_grouping():
   model = create_model(model_config(None, embed_dim=64, depth=1, num_heads=2, patch_size=8,
                                     img_size=32, num_classes=5, quant=dict(enabled=True)))
   _, params, _ = nnx.split(model, nnx.Param, QuantBuffer)
-  flat, _ = jax.tree_util.tree_flatten_with_path(optim.weight_decay_mask(params))
+  flat, _ = jax.tree_util.tree_flatten_with_path(
+      optim.weight_decay_mask(params, deit.FAMILY.no_decay))
   mask = {state_path(path): bool(leaf) for path, leaf in flat}
   decayed = {".".join(map(str, p)) for p, v in mask.items() if v}
   assert decayed == {

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from ofq_jax import plots
+from support import hf_vit
 
 
 def records():
@@ -55,3 +56,17 @@ def test_make_plots_draws_the_oscillation_and_channel_plots(tmp_path, drawn):
   assert (expected <= written) == drawn and (expected & written == set()) != drawn
   for name in written:
     assert (tmp_path / "plots" / name).stat().st_size > 5_000
+
+
+def test_another_family_is_read_through_its_declaration():
+  """The same records under a family with other layer names (``tests/support/hf_vit.py``):
+  its 8-bit ``classifier`` is never picked and its blocks are ``encoder.N``."""
+  renamed = [{k.replace("blocks.0.mlp.fc1", "encoder.0.ffn.up")
+              .replace("blocks.0.attn", "encoder.0.attention")
+              .replace("head.kernel", "classifier.kernel"): v for k, v in r.items()}
+             for r in records()]
+  assert plots.most_oscillating_channels(renamed, family=hf_vit.FAMILY) == [
+      ("encoder.0.ffn.up.kernel", 1), ("encoder.0.attention.qk_product", 0),
+      ("encoder.0.ffn.up.kernel", 2)]
+  assert plots.block_prefixes(renamed, hf_vit.FAMILY) == ["scales/encoder.0."]
+  assert plots.block_prefixes(renamed) == []  # DeiT's blocks: none here

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from ofq_jax.models import FAMILIES, create_model, family_of, model_config, swin
-from ofq_jax.models.rounded import cga_targets
+from ofq_jax.models.rounded import cga_targets, rounded_tensors
 from ofq_jax.quant.rules import QuantRules
 
 QUANT = dict(enabled=True, weight_bits=3, act_bits=3, attention="qkr")
@@ -53,3 +53,22 @@ def test_an_unknown_family_is_named():
   config.arch = "vit"
   with pytest.raises(ValueError, match=r"model.arch='vit' is not one of \['deit', 'swin'\]"):
     family_of(config)
+
+
+@pytest.mark.parametrize("attention", ["qkr", "standard"])
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_every_rounded_tensor_has_a_declared_kind(name, attention):
+  """The tracker's groups and the plots read ``Family.kinds``: no tensor of a family's
+  model may fall into ``other``; a standard attention's fused kernel is ``qkv`` (split
+  into q, k, v columns by the tracker), QKR's are its product and value kernel."""
+  config = TINY[name]()
+  config.quant.attention = attention
+  model = nnx.eval_shape(lambda: create_model(config))
+  family = FAMILIES[name]
+  kinds = {family.kind(t.name) for t in rounded_tensors(model)}
+  attention_kinds = {"qk", "v"} if attention == "qkr" else {"qkv"}
+  assert kinds == attention_kinds | {"proj", "fc1", "fc2", "patch_embed", "head"} | (
+      {"reduction"} if name == "swin" else set())
+  blocks = {m.group(0) for t in rounded_tensors(model)
+            for m in [re.match(family.blocks + r"\.", t.name)] if m}
+  assert len(blocks) == (2 if name == "deit" else 3)

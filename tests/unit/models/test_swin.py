@@ -52,7 +52,7 @@ def test_mismatching_checkpoint_lists_every_key():
   bad_index = dict(fixture.group("fp"))
   bad_index["features.1.1.attn.relative_position_index"] = \
       bad_index["features.1.1.attn.relative_position_index"][::-1].copy()
-  with pytest.raises(CheckpointMismatchError, match="position index of window 7"):
+  with pytest.raises(CheckpointMismatchError, match="not the relative_position_index this config derives"):
     interop.load_torchvision_swin(bad_index, fixture.config())
 
 

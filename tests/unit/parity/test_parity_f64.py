@@ -24,7 +24,7 @@ from ofq_jax import export
 from ofq_jax.interop import (export_ofq_torch, load_ofq_torch, load_timm_deit,
                              quantize_from_float)
 from ofq_jax.interop.names import state_to_torch
-from ofq_jax.models import calibrate, create_model, model_config
+from ofq_jax.models import calibrate, create_model, deit, model_config
 from ofq_jax.models.dtypes import cast_floating
 from ofq_jax.quant import integer
 from ofq_jax.quant import (cga_frozen_mask, lsq_initial_step, lsq_quantize, lsq_range,
@@ -36,6 +36,7 @@ from support.parity_cases import cga_cases, lsq_cases, statsq_bits
 pytestmark = pytest.mark.x64
 
 TOL = 1e-6
+REFERENCE_NAMES = deit.FAMILY.torch.reference
 F64 = np.float64
 # A bias added to every key of a query row shifts that softmax row by a constant: the
 # true gradient is exactly zero and both sides hold rounding noise.
@@ -85,7 +86,7 @@ def test_calibration(deit_fixture, matmul):
   model = load_ofq_torch(deit_fixture.group("precalib"), deit_fixture.config(matmul),
                          calibrated=False, dtype=F64)
   calibrate(model, jnp.asarray(deit_fixture.images("x_calib", F64)))
-  got = state_to_torch(nnx.state(model))
+  got = state_to_torch(nnx.state(model), REFERENCE_NAMES)
   expected = array_group(deit_fixture.arrays, "f64/qinit")
   steps = [k for k in expected if k.endswith(".s")]
   assert len(steps) > 10
@@ -127,7 +128,8 @@ def test_outputs(deit_fixture, matmul, monkeypatch):
 
 def test_gradients(deit_fixture, matmul):
   """grad of sum(train_cls*g_cls) + sum(train_dist*g_dist) w.r.t. every parameter."""
-  grads = state_to_torch(nnx.grad(_train_loss(deit_fixture))(_quantized(deit_fixture, matmul)))
+  grads = state_to_torch(nnx.grad(_train_loss(deit_fixture))(_quantized(deit_fixture, matmul)),
+                         REFERENCE_NAMES)
   expected = array_group(deit_fixture.arrays, "f64/grad")
   assert set(grads) == set(expected)
   total = np.sqrt(sum(np.sum(g ** 2) for g in expected.values()))

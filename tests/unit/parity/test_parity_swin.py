@@ -83,7 +83,7 @@ def test_float64_calibration(fixture):
   model = load_ofq_torch(fixture.group("precalib"), fixture.config(), calibrated=False,
                          dtype=F64)
   calibrate(model, jnp.asarray(fixture.images("x_calib", F64)))
-  got = state_to_torch(nnx.state(model), "swin_ofq")
+  got = state_to_torch(nnx.state(model), swin.FAMILY.torch.reference)
   expected = array_group(fixture.arrays, "f64/qinit")
   steps = [k for k in expected if k.endswith(".s")]
   assert len(steps) > 10
@@ -102,7 +102,8 @@ def test_float64_gradients(fixture):
   images = jnp.asarray(fixture.images("x_eval", F64))
   upstream = fixture.arrays["g_logits"]
   loss = lambda model: jnp.sum(model(images, train=True) * upstream)
-  grads = state_to_torch(nnx.jit(nnx.grad(loss))(_quantized(fixture, matmul)), "swin_ofq")
+  grads = state_to_torch(nnx.jit(nnx.grad(loss))(_quantized(fixture, matmul)),
+                         swin.FAMILY.torch.reference)
   expected = array_group(fixture.arrays, "f64/grad")
   assert set(expected) <= set(grads)
   assert all(not k.endswith(".s") or k in expected for k in grads)  # every step's gradient
@@ -124,8 +125,8 @@ def test_cga_targets_and_masks(fixture):
   model = _quantized(fixture)
   pattern = swin.FAMILY.cga_targets if fixture.meta["variant"] == "qkr" else deit.FAMILY.cga_targets
   targets = cga_targets(model, pattern)
-  from ofq_jax.interop.names import swin_name  # pylint: disable=import-outside-toplevel
-  names = sorted(swin_name(p, "swin_ofq").replace(".v_kernel", ".v").replace(".kernel", "")
+  from ofq_jax.interop.names import renamed  # pylint: disable=import-outside-toplevel
+  names = sorted(renamed(p, swin.FAMILY.torch.reference).replace(".v_kernel", ".v").replace(".kernel", "")
                  for p in targets)
   assert names == sorted(fixture.meta["cga_targets"])
   bits, boundary = fixture.meta["bits"], fixture.meta["cga_boundary_range"]
