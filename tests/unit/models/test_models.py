@@ -57,8 +57,8 @@ def test_tiny_quantized_models_train_and_eval(quant):
   flat = [g for g in jax.tree.leaves(grads)]
   assert all(bool(jnp.all(jnp.isfinite(g))) for g in flat)
   assert sum(float(jnp.sum(jnp.abs(g))) for g in flat) > 0
-  eval_logits = model(IMAGES, train=False)
-  cls_logits, dist_logits = model(IMAGES, train=True)
+  eval_logits, (cls_logits, dist_logits) = nnx.jit(
+      lambda m: (m(IMAGES, train=False), m(IMAGES, train=True)))(model)
   np.testing.assert_allclose(eval_logits, (cls_logits + dist_logits) / 2, atol=1e-6)
 
 
@@ -122,7 +122,7 @@ def test_lsq_grad_batch_reaches_every_activation_quantizer():
                               weight_bits=2, act_bits=2, lsq_grad_batch=grad_batch,
                               rules=(r"blocks\.1\.mlp\.fc1=w4a4:lsq",)))
     calibrate(model, IMAGES)
-    grads = nnx.grad(lambda m: jnp.sum(m(IMAGES) ** 2))(model)
+    grads = nnx.jit(nnx.grad(lambda m: jnp.sum(m(IMAGES) ** 2)))(model)
     return {"/".join(map(str, k)): np.asarray(v) for k, v in nnx.to_flat_state(grads)
             if k[-1] == "step"}
   base, one = step_grads(None), step_grads(1)
