@@ -14,7 +14,7 @@ from flax import nnx
 
 from ofq_jax.errors import UserError
 from ofq_jax.interop.files import read_state_dict
-from ofq_jax.interop.buffers import derived_buffers, pop_derived_buffers
+from ofq_jax.interop.buffers import derived_buffers
 from ofq_jax.interop.names import Renames, entries, state_to_torch, statsq_clip_key
 from ofq_jax.paths import dotted
 from ofq_jax.models.attention import QKRAttention
@@ -79,8 +79,8 @@ def _load_into(model: nnx.Module, state: Mapping[str, np.ndarray], *,
       problems.append(f"  mis-shaped {key}: expected shape {tuple(value.shape)}, found "
                       f"{tuple(np.shape(state[key]))}")
     elif not np.allclose(state[key], value):
-      problems.append(f"  unsupported {key}: StatsQ clip_val must be {STATSQ_CLIP_VAL}, found "
-                      f"{np.asarray(state[key]).ravel().tolist()}")
+      problems.append(f"  unsupported {key}: not the {key.rsplit('.', 1)[-1]} this config "
+                      f"derives ({_head(value)}), found {_head(state[key])}")
   for key in state:
     if key not in expected and key not in buffers:
       problems.append(f"  unexpected {key}: found shape {tuple(np.shape(state[key]))}")
@@ -102,14 +102,10 @@ def _mismatch(source: str, model: nnx.Module, problems: list[str]) -> Checkpoint
       "checkpoint.")
 
 
-def take_derived_buffers(state: dict[str, Any], model: nnx.Module, renames: Renames,
-                         source: str) -> None:
-  """Removes the buffers ofq_jax derives (Swin's position indices, ``interop.buffers``)
-  from a state dict after checking each; raises ``CheckpointMismatchError`` listing the
-  bad ones."""
-  problems = pop_derived_buffers(state, model, renames)
-  if problems:
-    raise _mismatch(source, model, problems)
+def _head(values: Any, count: int = 4) -> str:
+  """The first ``count`` values of an array, for a message."""
+  flat = np.asarray(values).ravel()
+  return str(flat[:count].tolist()) + ("..." if flat.size > count else "")
 
 
 def _describe(state_or_path: Any) -> str:
@@ -129,12 +125,12 @@ def load_float(state_or_path: Mapping[str, Any] | str | os.PathLike[str],
   listing every missing, unexpected or mis-shaped key and every derived buffer (Swin's
   position indices) that does not match the config.
   """
-  state = dict(read_state_dict(state_or_path))
+  state = read_state_dict(state_or_path)
   dtype = param_dtype(dtype, state.values())
   model = create_model(float_config(config), dtype=dtype)
   names = family_of(config).torch.float
-  take_derived_buffers(state, model, names, _describe(state_or_path))
-  _load_into(model, state, buffers={}, may_be_missing=lambda key: False,
+  _load_into(model, state, buffers=derived_buffers(model, names),
+             may_be_missing=lambda key: False,
              source=_describe(state_or_path), dtype=dtype, renames=names)
   return model
 
@@ -205,9 +201,9 @@ def load_ofq_torch(state_or_path: Mapping[str, Any] | str | os.PathLike[str],
   dtype = param_dtype(dtype, state.values())
   model = create_model(config, dtype=dtype)
   names = reference_names(model)
-  take_derived_buffers(state, model, names, _describe(state_or_path))
   may_be_missing = (lambda key: False) if calibrated else (lambda key: key.endswith(".s"))
-  _load_into(model, state, buffers=reference_buffers(model), may_be_missing=may_be_missing,
+  buffers = {**reference_buffers(model), **derived_buffers(model, names)}
+  _load_into(model, state, buffers=buffers, may_be_missing=may_be_missing,
              source=_describe(state_or_path), dtype=dtype, renames=names)
   return model
 
