@@ -10,7 +10,7 @@ also follows the *implied* levels of ``W_q`` and ``W_k`` (what StatsQ would roun
 to), which the model never rounds, so that "QKR reduces q/k oscillation" can be read
 like for like; they are reported in their own group and left out of the totals.
 
-Tensors are reported per module type (``GROUPS``: ``qk``, ``v``, ``proj``, ``fc1``,
+Tensors are reported per module type (``models.family.KINDS``: ``qk``, ``v``, ``proj``, ``fc1``,
 ``fc2``, ``reduction``, ``patch_embed``, ``head``), as the model's family declares them
 (``Family.kinds``): a standard attention's fused qkv kernel is split into its q, k and v
 columns, and QKR's product into its heads.
@@ -35,16 +35,12 @@ from flax import nnx
 
 from ofq_jax.errors import UserError
 from ofq_jax.models import family_of, rounded
-from ofq_jax.models.family import FUSED_QKV, IMPLIED, KINDS, Family
+from ofq_jax.models.family import FUSED_QKV, IMPLIED, Family
 from ofq_jax.paths import dotted
 from ofq_jax.quant.oscillation import (FixedGridState, OscillationState, init_fixed_grid,
                                        init_oscillation, oscillation_step, track_fixed_grid)
 from ofq_jax.quant.rounding import Rounding
 
-GROUPS = KINDS
-"""Module types, as the paper's per-module analysis groups them (``models.family.KINDS``)."""
-IMPLIED_GROUP = IMPLIED
-"""QKR's ``W_q`` and ``W_k`` on StatsQ's grid: followed, never rounded by the model."""
 DEFINITIONS = {"osc": "integer level", "osc_grid": "fixed grid"}
 """Metric prefix of each flip definition."""
 
@@ -138,7 +134,7 @@ def tensor_parts(weight: rounded.RoundedTensor, shape: tuple[int, ...], family: 
   ``(in, 3D)`` qkv kernel as its q, k (group ``qk``) and v columns; QKR's ``(H, D, D)``
   product per head; the rest whole."""
   if implied:
-    return (Part(IMPLIED_GROUP, "", ()),)
+    return (Part(IMPLIED, "", ()),)
   kind = family.kind(weight.name)
   if kind == FUSED_QKV:
     width = shape[-1] // 3
